@@ -1,0 +1,67 @@
+"""Plain data types of the registration engine (no torch import): options in, result out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: ``progress(stage, fraction)``: stage is one of STAGES, fraction in [0, 1] within that stage.
+ProgressCallback = Callable[[str, float], None]
+#: Polled between steps; returning True cancels the run (raises :class:`Cancelled`).
+StopCallback = Callable[[], bool]
+
+STAGES = ("load", "prealign", "inference", "refinement", "metrics", "write")
+
+
+class Cancelled(Exception):
+    """Raised inside the engine when ``should_stop()`` returned True."""
+
+
+@dataclass
+class RegisterOptions:
+    """What to run. Defaults are what `unireg register` and the napari widget use."""
+
+    model: str = "default"  # registry name, "default", "classical" (instance optimisation only) or a path
+    checkpoint: str | None = None  # explicit .safetensors path (overrides model)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    prealign: str = "affine"  # affine | none
+    resolution: str = "auto"  # auto (the model card's), full, half
+    io_steps: int = 0  # instance-optimisation refinement steps after the network
+    io_lambda: float = 1.0  # diffusion weight of the refinement
+    grid_shape: tuple[int, int, int] = (160, 224, 192)
+    amp: bool = True  # mixed precision on CUDA
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass
+class RegistrationResult:
+    """Everything a front end shows or writes. Arrays are in the *fixed image's native grid* unless noted.
+
+    * ``disp_model``: 3×X×Y×Z displacement on the model grid (canonical RAS, 1 mm), voxel units, pull
+      convention; fixed→moving after pre-alignment is folded in (Learn2Reg convention on the model grid).
+    * ``disp_native``: 3×X×Y×Z displacement on the fixed image's canonical grid (voxel units of that grid).
+    * ``warped``: moving image resampled into the fixed canonical grid; ``warped_seg`` likewise (nearest).
+    * ``jacobian``: central-difference Jacobian determinant on the canonical fixed grid (border = 1).
+    * ``metrics``: the dict written to metrics.json.
+    """
+
+    disp_model: np.ndarray
+    disp_native: np.ndarray
+    warped: np.ndarray
+    jacobian: np.ndarray
+    metrics: dict[str, Any]
+    warped_seg: np.ndarray | None = None
+    inverse_native: np.ndarray | None = None
+    prealign_matrix: np.ndarray | None = None
+    model_name: str = ""
+    device: str = "cpu"
+    seconds: dict[str, float] = field(default_factory=dict)
+    weights_trained: bool = True

@@ -1,0 +1,5 @@
+"""Errors the user can fix: the CLI and the GUI show their message, never a traceback."""
+
+
+class UserError(ValueError):
+    """Bad input, missing file, unavailable device, ...: a one-line message naming the problem."""

@@ -1,0 +1,111 @@
+"""Dense spatial transforms on voxel grids: the one place where the conventions live.
+
+Conventions (every other module relies on them, ``tests/test_spatial.py`` checks them):
+
+* Tensors are ``B×C×D0×D1×D2``; a displacement ``u`` is ``B×3×D0×D1×D2``.
+* ``u`` is in **voxel units of its own grid**; channel ``c`` is the displacement along array axis ``c``
+  (not world x, y, z order).
+* **Pull direction**: ``warped(p) = moving(p + u(p))`` for every fixed-grid voxel ``p``. So ``φ = id + u`` maps
+  fixed → moving coordinates.
+* Sampling uses ``grid_sample`` with ``align_corners=True`` (voxel ``i`` of an axis of length ``N`` sits at
+  normalised ``2i/(N−1) − 1``), ``padding_mode='border'`` for images and fields, nearest with zero padding for
+  label maps (the Learn2Reg evaluation convention).
+* ``compose(a, b) = b + warp(a, b)`` is ``φ_a ∘ φ_b``: ``b`` is applied first.
+
+All functions are pure, differentiable (except ``warp_labels``), batched and device agnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "identity_grid",
+    "warp",
+    "warp_labels",
+    "compose",
+    "upsample_flow",
+    "resize_flow",
+    "integrate_velocity",
+]
+
+
+def identity_grid(
+    shape: Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Voxel coordinates of a grid, ``3×D0×D1×D2`` (``meshgrid(..., indexing='ij')``)."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def _sampling_grid(disp: torch.Tensor) -> torch.Tensor:
+    """``p + u(p)`` normalised to [-1, 1] and ordered (x, y, z) = (axis2, axis1, axis0) for grid_sample."""
+    shape = disp.shape[2:]
+    coords = identity_grid(shape, disp.device, disp.dtype).unsqueeze(0) + disp
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=disp.device, dtype=disp.dtype)
+    coords = coords * scale.view(1, 3, 1, 1, 1) - 1.0
+    return coords.permute(0, 2, 3, 4, 1).flip(-1)
+
+
+def warp(
+    image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Pull ``image`` (``B×C×S_in``) through ``disp`` (``B×3×S_out``): ``out(p) = image(p + disp(p))``.
+
+    ``disp`` is in voxel units of the *output* grid, which must equal the image grid (same shape).
+    A batch of 1 in either argument broadcasts against the other.
+    """
+    if image.shape[2:] != disp.shape[2:]:
+        raise ValueError(f"warp: image grid {tuple(image.shape[2:])} != displacement grid {tuple(disp.shape[2:])}")
+    if image.shape[0] != disp.shape[0]:
+        n = max(image.shape[0], disp.shape[0])
+        image = image.expand(n, *image.shape[1:])
+        disp = disp.expand(n, *disp.shape[1:])
+    grid = _sampling_grid(disp.to(image.dtype) if image.is_floating_point() else disp)
+    if not image.is_floating_point():
+        image = image.to(disp.dtype)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour warp of an integer label map (``B×1×S``), zero outside; returns the input dtype."""
+    out = warp(labels.to(torch.float32), disp.to(torch.float32), mode="nearest", padding_mode="zeros")
+    return out.round().to(labels.dtype)
+
+
+def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``φ_a ∘ φ_b`` (apply ``b`` first): ``b + a(p + b(p))``."""
+    return b + warp(a, b)
+
+
+def upsample_flow(u: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """The authors' (a)/(c) pyramid upsampling: scale values by ``factor``, trilinear ``align_corners=True``.
+
+    Note the quirk (ARCHITECTURE.md §1): the true grid ratio is ``(fN−1)/(N−1)``, values are scaled by ``f``.
+    Kept to reproduce the paper's networks; use :func:`resize_flow` for exact geometry.
+    """
+    return F.interpolate(u * factor, scale_factor=factor, mode="trilinear", align_corners=True)
+
+
+def resize_flow(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample a displacement to another grid covering the same field of view (``align_corners=True``).
+
+    Each channel is rescaled by ``(N_out − 1)/(N_in − 1)`` of its own axis so that voxel units stay right.
+    """
+    shape = tuple(int(s) for s in shape)
+    if tuple(u.shape[2:]) == shape:
+        return u
+    ratios = [(o - 1) / max(i - 1, 1) for o, i in zip(shape, u.shape[2:])]
+    scale = torch.tensor(ratios, device=u.device, dtype=u.dtype).view(1, 3, 1, 1, 1)
+    return F.interpolate(u, size=shape, mode="trilinear", align_corners=True) * scale
+
+
+def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring of a stationary velocity field: ``exp(v)`` as a displacement."""
+    u = v / (2**steps)
+    for _ in range(steps):
+        u = compose(u, u)
+    return u

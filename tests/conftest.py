@@ -1,0 +1,34 @@
+"""Shared fixtures: the development data folder (skips when absent) and tiny synthetic volumes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(os.environ.get("UNIREG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ../shared/data (real brains for development); skips the test when it is absent."""
+    if not (SHARED_DATA / "imagesTr").is_dir():
+        pytest.skip("../shared/data is not available")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def smooth_blob_volume(shape=(24, 28, 20), seed: int = 0) -> np.ndarray:
+    """A smooth positive test image in [0, 1] with structure at several scales."""
+    from scipy.ndimage import gaussian_filter
+
+    r = np.random.default_rng(seed)
+    vol = gaussian_filter(r.random(shape), 2.0)
+    vol = (vol - vol.min()) / (vol.max() - vol.min())
+    return vol.astype(np.float32)
