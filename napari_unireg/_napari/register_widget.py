@@ -1,0 +1,549 @@
+"""Register dock widget: pick the pair (and optional label maps), a model and a device, run in a worker thread.
+
+Thin over :func:`napari_unireg.engine.register_volumes`: the widget turns layers into Volumes, runs the engine in
+a napari worker thread (the GUI stays responsive), reports the engine's stages in the widget and in napari's
+activity dock, cancels through ``should_stop`` and adds the result layers of the finished run. User layers are
+never modified: the engine gets copies of their arrays.
+
+Scripts and tests: :meth:`RegisterWidget.run` does what the Run button does and returns the worker;
+``widget.busy`` tells whether a run is in flight and the ``finished`` signal carries ``(status, payload)``
+(``"ok"`` + the :class:`~napari_unireg._napari.runs.Run`, ``"cancelled"``, ``"error"`` + message).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from typing import Any
+
+from psygnal import Signal
+from qtpy.QtCore import QObject
+from qtpy.QtCore import Signal as QtSignal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_unireg.engine_types import STAGES, RegisterOptions
+
+log = logging.getLogger(__name__)
+
+NONE = "(none)"
+#: share of the overall progress bar of each engine stage (refinement only counts when asked for)
+STAGE_WEIGHTS = {"load": 5, "prealign": 10, "inference": 45, "refinement": 25, "metrics": 15, "write": 0}
+STAGE_TEXT = {
+    "load": "loading the model and the images",
+    "prealign": "affine pre-alignment",
+    "inference": "deformable registration",
+    "refinement": "instance-optimisation refinement",
+    "metrics": "metrics",
+    "write": "writing",
+}
+
+
+def overall_fraction(stage: str, fraction: float, refinement: bool) -> float:
+    """Progress of the whole run in [0, 1] from the engine's ``(stage, fraction within the stage)``."""
+    weights = {s: w for s, w in STAGE_WEIGHTS.items() if refinement or s != "refinement"}
+    total = float(sum(weights.values())) or 1.0
+    done = 0.0
+    for s in STAGES:
+        if s == stage:
+            return min(1.0, (done + weights.get(s, 0) * max(0.0, min(1.0, fraction))) / total)
+        done += weights.get(s, 0)
+    return 0.0
+
+
+def model_tooltip(info: Any) -> str:
+    """A model card as a tooltip: what it is, what it was trained on, its validation scores."""
+    lines = [f"<b>{info.name}</b> ({info.family})", str(info.description or "")]
+    try:
+        lines.append(f"parameters: {int(info.params_total):,}")
+    except (TypeError, ValueError):
+        pass
+    card = info.card or {}
+    if not info.weights:
+        lines.append("<i>no trained weights bundled: runs with random weights (for testing only)</i>")
+    trained = card.get("trained_on") or card.get("training_data") or (card.get("training") or {}).get("data")
+    if trained:
+        lines.append(f"trained on: {trained}")
+    metrics = card.get("metrics") or card.get("validation") or {}
+    if isinstance(metrics, dict) and metrics:
+        parts = []
+        for key, label in (("dice", "Dice"), ("hd95", "HD95"), ("sdlogj", "SDlogJ"), ("ndv", "NDV %")):
+            if metrics.get(key) is not None:
+                try:
+                    parts.append(f"{label} {float(metrics[key]):.3f}")
+                except (TypeError, ValueError):
+                    parts.append(f"{label} {metrics[key]}")
+        if parts:
+            lines.append("validation: " + ", ".join(parts))
+    if card.get("resolution"):
+        lines.append(f"resolution: {card['resolution']}")
+    return "<br>".join(x for x in lines if x)
+
+
+def list_model_choices() -> list[tuple[str, str, str]]:
+    """``(label, value, tooltip)`` for the model picker: default, the registry's models, classical."""
+    out: list[tuple[str, str, str]] = []
+    try:
+        from napari_unireg.engine import default_model_name
+
+        default = default_model_name()
+    except Exception:  # registry not importable (e.g. a model module missing): still offer classical
+        default = "classical"
+    out.append((f"default ({default})", "default", "The bundled model with the best validation Dice"))
+    try:
+        from napari_unireg.models.registry import list_models
+
+        infos = list_models()
+    except Exception as exc:
+        log.warning("model registry unavailable: %s", exc)
+        infos = []
+    for info in sorted(infos, key=lambda m: (not m.weights, m.name)):
+        label = info.name if info.weights else f"{info.name} (untrained)"
+        out.append((label, info.name, model_tooltip(info)))
+    out.append(
+        (
+            "classical (instance optimisation)",
+            "classical",
+            "No network: NCC + diffusion optimisation of the displacement, coarse to fine (slower, no training)",
+        )
+    )
+    return out
+
+
+def list_devices() -> list[tuple[str, str]]:
+    """``(id, label)`` of what can really run here (engine.available_devices), CPU as the fallback."""
+    try:
+        from napari_unireg.engine import available_devices
+
+        return list(available_devices())
+    except Exception as exc:
+        log.warning("device list unavailable: %s", exc)
+        return [("cpu", "CPU")]
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued signal)."""
+
+    progress = QtSignal(str, float)
+
+
+class LayerCombo(QComboBox):
+    """Picks a layer of the given napari types; refreshes itself when the layer list changes."""
+
+    def __init__(self, viewer: Any, kinds: tuple[str, ...], optional: bool = False) -> None:
+        super().__init__()
+        self.viewer = viewer
+        self.kinds = kinds
+        self.optional = optional
+        self.refresh()
+
+    def layers(self) -> list[Any]:
+        return [
+            lay for lay in self.viewer.layers if lay._type_string in self.kinds and getattr(lay, "ndim", 0) == 3
+        ]
+
+    def refresh(self) -> None:
+        current = self.currentText()
+        self.blockSignals(True)
+        self.clear()
+        if self.optional:
+            self.addItem(NONE)
+        for lay in self.layers():
+            self.addItem(lay.name)
+        idx = self.findText(current)
+        if idx >= 0:
+            self.setCurrentIndex(idx)
+        self.blockSignals(False)
+
+    def layer(self) -> Any | None:
+        name = self.currentText()
+        if not name or name == NONE or name not in self.viewer.layers:
+            return None
+        return self.viewer.layers[name]
+
+    def set_layer(self, layer_or_name: Any) -> None:
+        name = NONE if layer_or_name is None else getattr(layer_or_name, "name", layer_or_name)
+        self.refresh()
+        idx = self.findText(str(name))
+        if idx < 0:
+            raise ValueError(f"no layer {name!r} to pick")
+        self.setCurrentIndex(idx)
+
+    def showPopup(self) -> None:  # noqa: N802 (Qt name): names may have changed since the last refresh
+        self.refresh()
+        super().showPopup()
+
+
+class RegisterWidget(QWidget):
+    """Dock widget running ``register_volumes`` on two layers of the viewer."""
+
+    #: emitted in the GUI thread when a run ends: (status, payload)
+    finished = Signal(str, object)
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker = None
+        self.last_run = None
+        #: extra RegisterOptions fields for scripts and tests (e.g. {"grid_shape": (32, 32, 32)})
+        self.extra_options: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._pbar = None
+        self._pbar_n = 0
+        self._relay = _Relay()
+        self._relay.progress.connect(self._on_progress)
+
+        self.cmb_fixed = LayerCombo(napari_viewer, ("image",))
+        self.cmb_moving = LayerCombo(napari_viewer, ("image",))
+        self.cmb_fixed_seg = LayerCombo(napari_viewer, ("labels",), optional=True)
+        self.cmb_moving_seg = LayerCombo(napari_viewer, ("labels",), optional=True)
+        self.cmb_fixed.setToolTip("The reference: results live on its grid")
+        self.cmb_moving.setToolTip("The image that is deformed onto the fixed one")
+        self.cmb_fixed_seg.setToolTip("Optional label map on the fixed image's grid (for Dice / HD95)")
+        self.cmb_moving_seg.setToolTip("Optional label map on the moving image's grid (warped with the image)")
+
+        self.cmb_model = QComboBox()
+        self.cmb_device = QComboBox()
+        self.chk_prealign = QCheckBox("affine pre-alignment")
+        self.chk_prealign.setChecked(True)
+        self.chk_prealign.setToolTip("Align the moving image affinely first (needed unless both are in MNI space)")
+        self.cmb_resolution = QComboBox()
+        self.cmb_resolution.addItems(["auto", "full", "half"])
+        self.cmb_resolution.setToolTip("auto: the model card's; half: 4x less memory and time, coarser field")
+        self.spin_steps = QSpinBox()
+        self.spin_steps.setRange(0, 5000)
+        self.spin_steps.setSingleStep(25)
+        self.spin_steps.setToolTip("Instance-optimisation steps after the network (0 = none)")
+        self.btn_run = QPushButton("Run")
+        self.btn_cancel = QPushButton("Cancel")
+        self.btn_cancel.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setTextVisible(False)
+        self.lbl_status = QLabel("")
+        self.lbl_status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("fixed image", self.cmb_fixed)
+        form.addRow("moving image", self.cmb_moving)
+        form.addRow("fixed labels", self.cmb_fixed_seg)
+        form.addRow("moving labels", self.cmb_moving_seg)
+        form.addRow("model", self.cmb_model)
+        form.addRow("device", self.cmb_device)
+        form.addRow("", self.chk_prealign)
+        form.addRow("resolution", self.cmb_resolution)
+        form.addRow("refinement steps", self.spin_steps)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.btn_run)
+        buttons.addWidget(self.btn_cancel)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addLayout(buttons)
+        lay.addWidget(self.progress_bar)
+        lay.addWidget(self.lbl_status)
+        lay.addStretch(1)
+
+        self.populate_models()
+        self.populate_devices()
+        self._auto_pick()
+        self.btn_run.clicked.connect(self.run)
+        self.btn_cancel.clicked.connect(self.cancel)
+        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            ev.connect(self._on_layers_changed)
+
+    # ------------------------------------------------------------------ pickers
+    def populate_models(self) -> None:
+        self.cmb_model.clear()
+        for i, (label, value, tip) in enumerate(list_model_choices()):
+            self.cmb_model.addItem(label, value)
+            self.cmb_model.setItemData(i, tip, role=3)  # Qt.ToolTipRole
+        self.cmb_model.setToolTip("Hover an entry for its model card")
+
+    def populate_devices(self) -> None:
+        self.cmb_device.clear()
+        for dev_id, label in list_devices():
+            self.cmb_device.addItem(label, dev_id)
+
+    def set_model(self, value: str) -> None:
+        idx = self.cmb_model.findData(value)
+        if idx < 0:
+            raise ValueError(f"model {value!r} is not in the list")
+        self.cmb_model.setCurrentIndex(idx)
+
+    def set_inputs(self, fixed: Any, moving: Any, fixed_labels: Any = None, moving_labels: Any = None) -> None:
+        """Pick the layers (objects or names) as the user would in the combo boxes."""
+        self.cmb_fixed.set_layer(fixed)
+        self.cmb_moving.set_layer(moving)
+        self.cmb_fixed_seg.set_layer(fixed_labels)
+        self.cmb_moving_seg.set_layer(moving_labels)
+
+    def _on_layers_changed(self, event: Any = None) -> None:
+        for c in (self.cmb_fixed, self.cmb_moving, self.cmb_fixed_seg, self.cmb_moving_seg):
+            c.refresh()
+        self._auto_pick()
+
+    def _auto_pick(self) -> None:
+        """First guess: 'fixed'/'moving' in the names, else the first two user images."""
+        from .runs import META_KEY
+
+        images = [lay for lay in self.cmb_fixed.layers() if META_KEY not in (lay.metadata or {})]
+        labels = [lay for lay in self.cmb_fixed_seg.layers() if META_KEY not in (lay.metadata or {})]
+
+        def pick(cands, word, avoid=None):
+            named = [x for x in cands if word in x.name.lower() and x is not avoid]
+            return named[0] if named else None
+
+        cur_f, cur_m = self.cmb_fixed.layer(), self.cmb_moving.layer()
+        if cur_f is None or cur_m is None or cur_f is cur_m:
+            fixed = pick(images, "fixed") or (images[0] if images else None)
+            moving = pick(images, "moving", fixed) or next((x for x in images if x is not fixed), None)
+            if fixed is not None:
+                self.cmb_fixed.set_layer(fixed)
+            if moving is not None:
+                self.cmb_moving.set_layer(moving)
+        if self.cmb_fixed_seg.layer() is None:
+            fl = pick(labels, "fixed")
+            if fl is not None:
+                self.cmb_fixed_seg.set_layer(fl)
+        if self.cmb_moving_seg.layer() is None:
+            ml = pick(labels, "moving")
+            if ml is not None:
+                self.cmb_moving_seg.set_layer(ml)
+
+    def options(self) -> RegisterOptions:
+        """The RegisterOptions the current settings describe."""
+        return RegisterOptions(
+            model=self.cmb_model.currentData() or "default",
+            device=self.cmb_device.currentData() or "auto",
+            prealign="affine" if self.chk_prealign.isChecked() else "none",
+            resolution=self.cmb_resolution.currentText(),
+            io_steps=int(self.spin_steps.value()),
+            **self.extra_options,
+        )
+
+    # ------------------------------------------------------------------ run
+    @property
+    def busy(self) -> bool:
+        return self.worker is not None
+
+    def run(self) -> Any:
+        """Start a registration (what the Run button does); returns the worker, or None when refused."""
+        from napari.utils.notifications import show_error, show_warning
+
+        if self.busy:
+            show_warning("A registration is already running: wait for it or cancel it first.")
+            return None
+        fixed, moving = self.cmb_fixed.layer(), self.cmb_moving.layer()
+        fseg, mseg = self.cmb_fixed_seg.layer(), self.cmb_moving_seg.layer()
+        problem = None
+        if fixed is None or moving is None:
+            problem = "Pick a fixed and a moving image layer (File > Open, or File > Open Sample > napari-unireg)."
+        elif fixed is moving:
+            problem = "The fixed and the moving image are the same layer."
+        if problem:
+            show_error(problem)
+            self._set_status(problem, error=True)
+            return None
+        options = self.options()
+        inputs = [self._snapshot(lay) for lay in (fixed, moving, fseg, mseg)]
+        self._stop.clear()
+        self._pbar_n = 0
+        self._refinement = options.io_steps > 0
+        self._names = (fixed.name, moving.name, None if fseg is None else fseg.name, None if mseg is None else mseg.name)
+        self._label_names = dict(
+            ((fseg.metadata if fseg is not None else {}) or {}).get("label_names")
+            or ((mseg.metadata if mseg is not None else {}) or {}).get("label_names")
+            or {}
+        )
+        self._start_progress()
+        self.btn_run.setEnabled(False)
+        self.btn_cancel.setEnabled(True)
+        self._set_status(f"running {options.model} on {moving.name} → {fixed.name} …")
+
+        from napari.qt.threading import create_worker
+
+        relay = self._relay
+        stop = self._stop
+        worker = create_worker(
+            _register_job, inputs, options, relay.progress.emit, stop.is_set, _start_thread=False
+        )
+        worker.returned.connect(self._on_returned)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        worker.start()
+        return worker
+
+    @staticmethod
+    def _snapshot(layer: Any) -> Any:
+        """What the worker needs from a layer, taken in the GUI thread: (data, affine, nifti meta, name, kind)."""
+        if layer is None:
+            return None
+        from .convert import NIFTI_KEY, layer_affine
+
+        kind = "label" if layer._type_string == "labels" else "image"
+        return (layer.data, layer_affine(layer), (layer.metadata or {}).get(NIFTI_KEY), layer.name, kind)
+
+    def cancel(self) -> None:
+        """Ask the running registration to stop (the engine checks between steps)."""
+        if self.busy:
+            self._stop.set()
+            self.btn_cancel.setEnabled(False)
+            self._set_status("cancelling …")
+
+    def _start_progress(self) -> None:
+        from napari.utils import progress
+
+        self._close_progress()
+        self.progress_bar.setValue(0)
+        self._pbar = progress(total=1000, desc="UniReg")
+
+    def _close_progress(self) -> None:
+        if self._pbar is not None:
+            try:
+                self._pbar.close()
+            except Exception:
+                pass
+            self._pbar = None
+
+    def _on_progress(self, stage: str, fraction: float) -> None:
+        value = int(round(1000 * overall_fraction(stage, fraction, self._refinement)))
+        self.progress_bar.setValue(value)
+        text = STAGE_TEXT.get(stage, stage)
+        if not self._stop.is_set():
+            self._set_status(f"{text} … {int(round(100 * fraction))}%")
+        if self._pbar is not None:
+            self._pbar.set_description(f"UniReg: {text}")
+            if value > self._pbar_n:
+                self._pbar.update(value - self._pbar_n)
+                self._pbar_n = value
+
+    def _set_status(self, text: str, error: bool = False) -> None:
+        self.lbl_status.setStyleSheet("color: #ff6b6b;" if error else "")
+        self.lbl_status.setText(text)
+
+    def _on_returned(self, outcome: tuple[str, Any]) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        status, payload = outcome
+        if status == "ok":
+            try:
+                run = self._add_run(payload)
+            except Exception as exc:  # the viewer may have been closed meanwhile
+                log.exception("could not show the result")
+                status, payload = "error", f"could not show the result: {exc}"
+            else:
+                payload = run
+                secs = (run.result.seconds or {}).get("total")
+                dice = run.metrics.get("dice")
+                msg = f"done: {run.tag}" + (f" in {secs:.1f} s" if secs else "")
+                if dice is not None:
+                    msg += f", Dice {run.metrics.get('dice_before', float('nan')):.3f} → {dice:.3f}"
+                if not run.result.weights_trained:
+                    msg += " (untrained weights!)"
+                self._set_status(msg)
+                show_info(f"UniReg {msg}")
+        if status == "cancelled":
+            self._set_status("cancelled")
+            show_info("UniReg: registration cancelled")
+        elif status == "error":
+            self._set_status(str(payload), error=True)
+            show_error(f"UniReg: {payload}")
+        self._outcome = (status, payload)
+
+    def _on_finished(self) -> None:
+        self._close_progress()
+        self.btn_run.setEnabled(True)
+        self.btn_cancel.setEnabled(False)
+        self.worker = None
+        status, payload = getattr(self, "_outcome", ("error", "the worker ended without a result"))
+        self._outcome = None
+        self.progress_bar.setValue(1000 if status == "ok" else 0)
+        self.finished.emit(status, payload)
+
+    def _add_run(self, payload: tuple) -> Any:
+        from . import show
+        from .convert import nifti_meta
+        from .runs import DEFAULT_KINDS, get_store
+
+        result, fixed_vol, fixed_seg_vol, moving_vol, moving_seg_vol = payload
+        fixed_name, moving_name, fseg_name, mseg_name = self._names
+        store = get_store(self.viewer)
+        run = store.add(
+            fixed_name=fixed_name,
+            moving_name=moving_name,
+            model=result.model_name or "model",
+            result=result,
+            affine=fixed_vol.affine,
+            fixed=fixed_vol.data,
+            options=self.options(),
+            fixed_seg=None if fixed_seg_vol is None else fixed_seg_vol.data,
+            moving=moving_vol.data,
+            moving_affine=moving_vol.affine,
+            moving_seg=None if moving_seg_vol is None else moving_seg_vol.data,
+            fixed_seg_name=fseg_name,
+            moving_seg_name=mseg_name,
+            label_names=self._label_names,
+            nifti=nifti_meta(fixed_vol),
+        )
+        for kind in DEFAULT_KINDS:
+            show.set_visible(self.viewer, run, kind, True)
+        from .status import install
+
+        install(self.viewer)  # hover read-out of u and J in the status bar
+        self.last_run = run
+        return run
+
+
+def _volume(snapshot: Any) -> Any:
+    """A canonical Volume from a layer snapshot (a private copy: the user's layer is never touched)."""
+    import numpy as np
+
+    from napari_unireg.io import volume_from_array
+
+    if snapshot is None:
+        return None
+    data, affine, nifti, name, kind = snapshot
+    arr = np.array(np.asarray(data), copy=True)
+    vol = volume_from_array(arr, affine, kind=kind, name=name)
+    if nifti is not None and tuple(nifti.get("shape", ())) == vol.shape:
+        vol.header = nifti.get("header")
+        vol.original_affine = np.asarray(nifti["original_affine"], dtype=np.float64)
+        vol.original_shape = tuple(nifti["original_shape"])
+        vol.ornt = np.asarray(nifti["ornt"])
+    return vol
+
+
+def _register_job(inputs: list, options: RegisterOptions, progress: Any, should_stop: Any) -> tuple[str, Any]:
+    """Runs in the worker thread. Never raises: napari would show a traceback dialog; returns (status, payload)."""
+    from napari_unireg.engine_types import Cancelled
+    from napari_unireg.errors import UserError
+
+    try:
+        fixed, moving, fseg, mseg = (_volume(s) for s in inputs)
+        from napari_unireg.engine import register_volumes
+
+        result = register_volumes(fixed, moving, fseg, mseg, options=options, progress=progress, should_stop=should_stop)
+        return "ok", (result, fixed, fseg, moving, mseg)
+    except Cancelled:
+        return "cancelled", None
+    except UserError as exc:
+        return "error", str(exc)
+    except MemoryError:
+        return "error", "out of memory: try resolution 'half' or another device"
+    except Exception as exc:  # keep the viewer alive; the traceback goes to the log, the message to the user
+        log.error("registration failed:\n%s", traceback.format_exc())
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        if "out of memory" in msg.lower():
+            return "error", "out of memory on the device: try resolution 'half' or the CPU"
+        return "error", f"registration failed ({type(exc).__name__}: {msg})"

@@ -1,0 +1,137 @@
+"""Layer data tuples ``(data, kwargs, layer_type)`` for the result layers of a run (no napari import).
+
+Names follow ``"<kind> [moving→fixed, model]"``; every layer carries ``metadata["unireg"] = {"run", "kind"}``
+(plus the displacement field on the warped and magnitude layers, for the displacement writers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import layers as L
+from .runs import META_KEY, Run
+
+LayerTuple = tuple[Any, dict[str, Any], str]
+
+#: Single colours of the label contours: fixed vs warped moving.
+FIXED_CONTOUR_COLOR = "lime"
+WARPED_CONTOUR_COLOR = "magenta"
+
+
+def _meta(run: Run, kind: str, **more: Any) -> dict[str, Any]:
+    return {META_KEY: {"run": run.id, "kind": kind, **more}}
+
+
+def _disp_meta(run: Run) -> dict[str, Any]:
+    """What the displacement writers need: the field on the fixed canonical grid and that grid's affine."""
+    return {"disp": run.result.disp_native, "affine": run.affine, "model": run.model}
+
+
+def _image(run: Run, kind: str, data: np.ndarray, **kw: Any) -> LayerTuple:
+    meta = kw.pop("metadata", None) or _meta(run, kind)
+    return data, {"name": run.layer_name(kind), "affine": run.affine, "metadata": meta, **kw}, "image"
+
+
+def available_kinds(run: Run) -> list[str]:
+    """Kinds this run can show (label layers need label maps)."""
+    from .runs import KINDS
+
+    has_seg = run.result.warped_seg is not None
+    out = []
+    for k in KINDS:
+        if k == "warped labels" and not has_seg:
+            continue
+        if k == "contours" and not (has_seg and run.fixed_seg is not None):
+            continue
+        out.append(k)
+    return out
+
+
+def build(run: Run, kind: str, *, grid_spacing: int = 8, grid_width: int = 1, tile: int = 16) -> list[LayerTuple]:
+    """The layer tuples of one result kind (``contours`` gives two: fixed and warped)."""
+    res = run.result
+    if kind == "warped":
+        lo, hi = L.display_range(res.warped)
+        meta = _meta(run, kind, displacement=_disp_meta(run))
+        return [_image(run, kind, res.warped, colormap="gray", contrast_limits=(lo, hi), metadata=meta)]
+    if kind == "warped labels":
+        if res.warped_seg is None:
+            return []
+        return [
+            (
+                np.asarray(res.warped_seg),
+                {"name": run.layer_name(kind), "affine": run.affine, "metadata": _meta(run, kind), "opacity": 0.5},
+                "labels",
+            )
+        ]
+    if kind == "difference":
+        diff = L.difference(res.warped, run.fixed)
+        return [_image(run, kind, diff, colormap="coolwarm", contrast_limits=L.DIFFERENCE_RANGE)]
+    if kind == "grid":
+        grids = L.warped_grids(res.disp_native, grid_spacing, grid_width)
+        meta = _meta(run, kind, per_axis=grids, spacing=grid_spacing, width=grid_width)
+        # the axial grid first; the Inspect widget swaps in the one across the displayed slicing axis
+        return [
+            _image(run, kind, grids[2], colormap="gray", contrast_limits=(0, 255), blending="additive", metadata=meta)
+        ]
+    if kind == "jacobian":
+        jac = np.asarray(res.jacobian, dtype=np.float32)
+        return [_image(run, kind, jac, colormap="bwr", contrast_limits=L.JACOBIAN_RANGE)]
+    if kind == "folding":
+        mask = L.folding_mask(res.jacobian)
+        return [
+            (
+                mask,
+                {
+                    "name": run.layer_name("folding J≤0"),
+                    "affine": run.affine,
+                    "metadata": _meta(run, kind),
+                    "colormap": {None: "yellow", 0: "transparent"},
+                    "opacity": 0.9,
+                },
+                "labels",
+            )
+        ]
+    if kind == "magnitude":
+        mag = L.displacement_magnitude_mm(res.disp_native, run.affine)
+        hi = float(np.percentile(mag[:: 4, :: 4, :: 4], 99.5)) or 1.0
+        meta = _meta(run, kind, displacement=_disp_meta(run))
+        return [
+            _image(run, "|u| mm", mag, colormap="inferno", contrast_limits=(0.0, hi), metadata=meta)
+        ]
+    if kind == "contours":
+        if res.warped_seg is None or run.fixed_seg is None:
+            return []
+        common = {"affine": run.affine, "contour": 1, "opacity": 1.0}
+        return [
+            (
+                np.asarray(run.fixed_seg),
+                {
+                    "name": run.layer_name("contours fixed"),
+                    "metadata": _meta(run, kind, side="fixed"),
+                    "colormap": {None: FIXED_CONTOUR_COLOR, 0: "transparent"},
+                    **common,
+                },
+                "labels",
+            ),
+            (
+                np.asarray(res.warped_seg),
+                {
+                    "name": run.layer_name("contours warped"),
+                    "metadata": _meta(run, kind, side="warped"),
+                    "colormap": {None: WARPED_CONTOUR_COLOR, 0: "transparent"},
+                    **common,
+                },
+                "labels",
+            ),
+        ]
+    if kind == "checkerboard":
+        cb = L.checkerboard(run.fixed, res.warped, tile)
+        return [_image(run, kind, cb, colormap="gray", contrast_limits=(0.0, 1.0), metadata=_meta(run, kind, tile=tile))]
+    if kind == "flicker":
+        frames = [L.robust_normalize(run.fixed), L.robust_normalize(res.warped)]
+        meta = _meta(run, kind, frames=frames, frame=0)
+        return [_image(run, kind, frames[0], colormap="gray", contrast_limits=(0.0, 1.0), metadata=meta)]
+    raise ValueError(f"unknown result kind {kind!r}")

@@ -1,0 +1,106 @@
+"""Training losses (ARCHITECTURE.md §8): squared local NCC (VFA version), diffusion regulariser, symmetric form.
+
+Tensors are ``B×C×D0×D1×D2``; displacements ``B×3×S`` in voxel units, pull convention (``spatial.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .spatial import warp
+
+__all__ = ["box_filter", "ncc_vfa", "diffusion", "registration_loss", "dice_loss"]
+
+_EPS32 = float(torch.finfo(torch.float32).eps)  # ≈ 1.19e-7, the authors' ε
+
+
+def box_filter(x: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """Local mean over a ``window³`` box with zero padding (``window // 2``), as 3 separable 1-D averages.
+
+    Equal to a 3-D conv with weights ``1/window³`` and zero padding: the padding of each 1-D pass reads only
+    zeros that the full 3-D box would also read. ``avg_pool3d`` (padding counted, i.e. zeros) is used rather
+    than ``conv3d`` because it is 3-6× faster on CPU for these thin kernels. ``x``: ``B×C×S``.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"box_filter: window must be a positive odd integer, got {window}")
+    r = window // 2
+    y = F.avg_pool3d(x, (window, 1, 1), stride=1, padding=(r, 0, 0), count_include_pad=True)
+    y = F.avg_pool3d(y, (1, window, 1), stride=1, padding=(0, r, 0), count_include_pad=True)
+    return F.avg_pool3d(y, (1, 1, window), stride=1, padding=(0, 0, r), count_include_pad=True)
+
+
+def ncc_vfa(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = _EPS32) -> torch.Tensor:
+    """Squared local normalised cross-correlation loss: ``1 − mean(σ_IJ² / max(σ_I²·σ_J², ε))``.
+
+    Local moments from a ``window³`` box filter (weights ``1/window³``, zero padding). Flat windows (variance
+    below √ε) give cc ≈ 0, so ``ncc_vfa(I, I)`` equals the fraction of flat voxels. Returns a scalar.
+    """
+    if fixed.shape != warped.shape:
+        raise ValueError(f"ncc_vfa: shapes differ {tuple(fixed.shape)} vs {tuple(warped.shape)}")
+    i, j = fixed, warped
+    c = i.shape[1]
+    m = box_filter(torch.cat([i, j, i * i, j * j, i * j], dim=1), window)
+    mu_i, mu_j, e_ii, e_jj, e_ij = torch.split(m, c, dim=1)
+    var_i = e_ii - mu_i * mu_i
+    var_j = e_jj - mu_j * mu_j
+    cov = e_ij - mu_i * mu_j
+    cc = cov * cov / torch.clamp(var_i * var_j, min=eps)
+    return 1.0 - cc.mean()
+
+
+def diffusion(u: torch.Tensor) -> torch.Tensor:
+    """Diffusion regulariser: mean squared forward difference along each spatial axis, averaged over the 3 axes."""
+    d0 = u[:, :, 1:, :, :] - u[:, :, :-1, :, :]
+    d1 = u[:, :, :, 1:, :] - u[:, :, :, :-1, :]
+    d2 = u[:, :, :, :, 1:] - u[:, :, :, :, :-1]
+    return ((d0 * d0).mean() + (d1 * d1).mean() + (d2 * d2).mean()) / 3.0
+
+
+def _disp_and_inverse(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(disp, inverse)`` from a RegistrationOutput-like object or a bare displacement tensor."""
+    if isinstance(out, torch.Tensor):
+        return out, None
+    return out.disp, getattr(out, "inverse", None)
+
+
+def registration_loss(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    out: Any,
+    lam: float = 1.0,
+    window: int = 9,
+    return_terms: bool = False,
+):
+    """Training loss of one pair.
+
+    * ``out.inverse is None`` ((a), (c)): ``L = NCC(F, M∘φ12) + λ·diffusion(u12)``.
+    * otherwise ((b), inverse consistent): ``L = ½[NCC(F, M∘φ12) + NCC(M, F∘φ21)] + ½λ[diffusion(u12) +
+      diffusion(u21)]``, with ``u21 = out.inverse`` warping the fixed image onto the moving grid.
+
+    ``out`` is a ``RegistrationOutput`` (``.disp``, ``.inverse``) or a bare displacement. Returns the scalar
+    loss, or ``(loss, sim, reg)`` when ``return_terms`` (``sim``/``reg`` already averaged over directions).
+    """
+    u12, u21 = _disp_and_inverse(out)
+    sim = ncc_vfa(fixed, warp(moving, u12), window)
+    reg = diffusion(u12)
+    if u21 is not None:
+        sim = 0.5 * (sim + ncc_vfa(moving, warp(fixed, u21), window))
+        reg = 0.5 * (reg + diffusion(u21))
+    loss = sim + lam * reg
+    return (loss, sim, reg) if return_terms else loss
+
+
+def dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Soft Dice loss ``1 − mean_c 2Σ(a·b)/(Σa + Σb + eps)`` over the channels of ``B×C×S`` one-hot maps.
+
+    (Optional auxiliary loss γ of the authors' code; unused in the paper's recipe.)
+    """
+    if fixed_onehot.shape != warped_onehot.shape:
+        raise ValueError(f"dice_loss: shapes differ {tuple(fixed_onehot.shape)} vs {tuple(warped_onehot.shape)}")
+    dims = tuple(range(2, fixed_onehot.ndim))
+    inter = (fixed_onehot * warped_onehot).sum(dims)
+    denom = fixed_onehot.sum(dims) + warped_onehot.sum(dims)
+    return 1.0 - (2.0 * inter / (denom + eps)).mean()

@@ -1,0 +1,548 @@
+"""Evaluation metrics of a registration (numpy + scipy; torch tensors are accepted and converted).
+
+Conventions (``docs/DESIGN.md``, ``spatial.py``): a displacement ``u`` is ``3×D0×D1×D2`` (a leading batch of 1
+and Learn2Reg's channel-last ``D0×D1×D2×3`` are accepted) in voxel units, pull direction:
+``warped(p) = moving(p + u(p))``. Label maps are integer ``D0×D1×D2`` arrays on the fixed grid.
+
+The definitions follow the Learn2Reg/LUMIR evaluation (ARCHITECTURE.md §10) with the rules written in the
+development data README:
+
+* Dice per label; a label absent from both maps is skipped, a label present on one side only scores 0.
+* HD95 per label (mm): surface = label minus its 6-connected erosion; directed distances read from Euclidean
+  distance transforms of the other surface; HD95 = max of the two directed 95th percentiles; undefined
+  (skipped) when the fixed or the warped label is empty.
+* Central-difference Jacobian ``J = det(I + ∇u)`` (kernel ``[-0.5, 0, 0.5]``, zero padding), 2-voxel crop;
+  ``SDlogJ = std(log(clip(J + 3, 1e-9, 1e9)))``.
+* NDV (Liu et al., IJCV 2024): 10 finite-difference determinants of ``T = id + u``, 1-voxel crop,
+  ``Σ ½·max(−J, 0)/6`` over the mask ÷ mask size × 100.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+__all__ = [
+    "warp_labels_nearest",
+    "dice_per_label",
+    "dice_mean",
+    "hd95_per_label",
+    "hd95_mean",
+    "jacobian_determinant",
+    "jacobian_determinant_torch",
+    "sdlogj",
+    "folded_fraction",
+    "folded_percent",
+    "digital_jacobian_determinants",
+    "ndv",
+    "tre",
+    "inverse_consistency_error",
+    "evaluate_registration",
+]
+
+# Slab thickness (along axis 0) of the chunked Jacobian/NDV computations: bounds the float64 temporaries to a
+# few tens of MB on a 160×224×192 grid.
+_SLAB = 16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# input normalisation
+# ----------------------------------------------------------------------------------------------------------
+def _to_numpy(x: Any) -> np.ndarray:
+    """numpy view of an array-like or a torch tensor (detached, on the CPU)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _as_disp(disp: Any) -> np.ndarray:
+    """``3×D0×D1×D2`` float64 displacement from ``3×S``, ``1×3×S`` or channel-last ``S×3``."""
+    u = _to_numpy(disp)
+    if u.ndim == 5 and u.shape[0] == 1:
+        u = u[0]
+    if u.ndim == 4 and u.shape[0] != 3 and u.shape[-1] == 3:
+        u = np.moveaxis(u, -1, 0)
+    if u.ndim != 4 or u.shape[0] != 3:
+        raise UserError(f"displacement must be 3×D0×D1×D2 (or D0×D1×D2×3), got shape {tuple(u.shape)}")
+    return np.asarray(u, dtype=np.float64)
+
+
+def _as_labels(labels: Any, name: str = "labels") -> np.ndarray:
+    """Integer ``D0×D1×D2`` label map (float maps are rounded; singleton batch/channel axes are dropped)."""
+    a = _to_numpy(labels)
+    while a.ndim > 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 3:
+        raise UserError(f"{name} must be a 3-D label map, got shape {tuple(a.shape)}")
+    if not np.issubdtype(a.dtype, np.integer):
+        if a.dtype == bool:
+            return a.astype(np.uint8)
+        a = np.rint(a).astype(np.int64)
+    return a
+
+
+def _check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    if a.shape != b.shape:
+        raise UserError(f"{what}: shapes differ ({tuple(a.shape)} vs {tuple(b.shape)})")
+
+
+def _label_counts(a: np.ndarray) -> dict[int, int]:
+    """Voxel count of every value present in an integer map."""
+    if a.size and a.min() >= 0 and a.max() < 2**20:
+        counts = np.bincount(a.ravel().astype(np.int64, copy=False))
+        nz = np.flatnonzero(counts)
+        return {int(v): int(counts[v]) for v in nz}
+    vals, counts = np.unique(a, return_counts=True)
+    return {int(v): int(c) for v, c in zip(vals, counts)}
+
+
+def _default_labels(*maps: np.ndarray) -> list[int]:
+    """Union of the non-zero values of the maps, sorted."""
+    present: set[int] = set()
+    for m in maps:
+        present.update(v for v in _label_counts(m) if v != 0)
+    return sorted(present)
+
+
+def _mean(values: Iterable[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# label warping, Dice, HD95
+# ----------------------------------------------------------------------------------------------------------
+def warp_labels_nearest(labels: Any, disp: Any) -> np.ndarray:
+    """Pull a label map through ``disp`` with nearest neighbour, zero outside (the evaluation convention).
+
+    ``scipy.ndimage.map_coordinates(order=0, mode='constant', cval=0)`` at ``p + u(p)``; returns the labels'
+    dtype on the displacement grid.
+    """
+    from scipy.ndimage import map_coordinates
+
+    lab = _as_labels(labels, "labels")
+    u = _as_disp(disp)
+    if lab.shape != u.shape[1:]:
+        raise UserError(f"label map {tuple(lab.shape)} and displacement grid {tuple(u.shape[1:])} differ")
+    coords = np.indices(lab.shape, dtype=np.float64)
+    coords += u
+    return map_coordinates(lab, coords, order=0, mode="constant", cval=0)
+
+
+def dice_per_label(
+    fixed: Any, warped: Any, labels: Sequence[int] | None = None, moving: Any = None
+) -> dict[int, float]:
+    """Dice ``2|A∩B|/(|A|+|B|)`` per label.
+
+    ``labels`` defaults to the non-zero values present in either map. A label absent from both the fixed map and
+    the moving map (``moving`` if given, the warped map otherwise) is skipped; a label present on one side only
+    scores 0.
+    """
+    f = _as_labels(fixed, "fixed labels")
+    w = _as_labels(warped, "warped labels")
+    _check_same_shape(f, w, "dice")
+    m = _as_labels(moving, "moving labels") if moving is not None else None
+    if labels is None:
+        labels = _default_labels(f, w) if m is None else _default_labels(f, w, m)
+    cf = _label_counts(f)
+    cw = _label_counts(w)
+    cm = _label_counts(m) if m is not None else cw
+    inter = _label_counts(f[f == w])
+    out: dict[int, float] = {}
+    for lab in labels:
+        lab = int(lab)
+        nf, nw = cf.get(lab, 0), cw.get(lab, 0)
+        if nf == 0 and cm.get(lab, 0) == 0 and nw == 0:
+            continue
+        out[lab] = 2.0 * inter.get(lab, 0) / (nf + nw) if nf + nw else 0.0
+    return out
+
+
+def dice_mean(fixed: Any, warped: Any, labels: Sequence[int] | None = None) -> float:
+    """Mean of :func:`dice_per_label` (NaN when no label is defined)."""
+    return _mean(dice_per_label(fixed, warped, labels).values())
+
+
+def _bounding_boxes(a: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[slice, ...] | None]:
+    """Bounding box (tuple of slices) of each label in ``a``; ``None`` when absent."""
+    from scipy.ndimage import find_objects
+
+    boxes: dict[int, tuple[slice, ...] | None] = {}
+    positive = [int(v) for v in labels if int(v) > 0]
+    if positive and a.min() >= 0 and max(positive) < 2**20:
+        objs = find_objects(a, max_label=max(positive))
+        for v in positive:
+            boxes[v] = objs[v - 1]
+    for v in labels:
+        v = int(v)
+        if v in boxes:
+            continue
+        mask = a == v
+        if not mask.any():
+            boxes[v] = None
+            continue
+        sl = []
+        for ax in range(a.ndim):
+            proj = np.flatnonzero(mask.any(axis=tuple(i for i in range(a.ndim) if i != ax)))
+            sl.append(slice(int(proj[0]), int(proj[-1]) + 1))
+        boxes[v] = tuple(sl)
+    return boxes
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Label voxels minus the 6-connected erosion (voxels on the array border count as surface)."""
+    from scipy.ndimage import binary_erosion, generate_binary_structure
+
+    return mask & ~binary_erosion(mask, structure=generate_binary_structure(3, 1), border_value=0)
+
+
+def hd95_per_label(
+    fixed: Any,
+    warped: Any,
+    labels: Sequence[int] | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    margin: int = 2,
+) -> dict[int, float]:
+    """95th-percentile symmetric Hausdorff distance per label, in the units of ``spacing`` (mm).
+
+    Labels empty in the fixed or the warped map are skipped (undefined). Each label is cropped to the union of
+    its two bounding boxes plus ``margin`` voxels before the distance transforms, which is exact (every surface
+    voxel lies inside the crop) and makes 35 brain labels take seconds.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    f = _as_labels(fixed, "fixed labels")
+    w = _as_labels(warped, "warped labels")
+    _check_same_shape(f, w, "hd95")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3:
+        raise UserError(f"spacing must have 3 values, got {spacing}")
+    if labels is None:
+        labels = _default_labels(f, w)
+    labels = [int(v) for v in labels]
+    bf = _bounding_boxes(f, labels)
+    bw = _bounding_boxes(w, labels)
+    margin = max(int(margin), 1)  # ≥ 1 so that the erosion inside the crop equals the erosion of the volume
+    out: dict[int, float] = {}
+    for lab in labels:
+        if bf[lab] is None or bw[lab] is None:
+            continue
+        crop = tuple(
+            slice(max(min(a.start, b.start) - margin, 0), min(max(a.stop, b.stop) + margin, n))
+            for a, b, n in zip(bf[lab], bw[lab], f.shape)
+        )
+        sa = _surface(f[crop] == lab)
+        sb = _surface(w[crop] == lab)
+        d_ab = distance_transform_edt(~sb, sampling=spacing)[sa]
+        d_ba = distance_transform_edt(~sa, sampling=spacing)[sb]
+        out[lab] = float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
+    return out
+
+
+def hd95_mean(
+    fixed: Any, warped: Any, labels: Sequence[int] | None = None, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> float:
+    """Mean of :func:`hd95_per_label` over the defined labels (NaN when none)."""
+    return _mean(hd95_per_label(fixed, warped, labels, spacing).values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Jacobian determinant, SDlogJ, folding
+# ----------------------------------------------------------------------------------------------------------
+def _det3(m00, m01, m02, m10, m11, m12, m20, m21, m22):
+    """Determinant of 3×3 matrices given entry-wise (arrays or tensors)."""
+    return m00 * (m11 * m22 - m12 * m21) - m01 * (m10 * m22 - m12 * m20) + m02 * (m10 * m21 - m11 * m20)
+
+
+def _central_jacobian_cropped(u: np.ndarray) -> np.ndarray:
+    """``det(I + ∇u)`` with central differences at the voxels ``[2:-2]^3`` (there the zero padding of the
+    Learn2Reg convention is never read, so plain slicing is exact). Computed in slabs to bound memory."""
+    _, n0, n1, n2 = u.shape
+    out = np.empty((max(n0 - 4, 0), max(n1 - 4, 0), max(n2 - 4, 0)), dtype=np.float64)
+    if out.size == 0:
+        return out
+    for s in range(2, n0 - 2, _SLAB):
+        e = min(s + _SLAB, n0 - 2)
+        g = [[None] * 3 for _ in range(3)]  # g[c][a] = d u_c / d x_a (+1 on the diagonal)
+        for c in range(3):
+            uc = u[c]
+            g[c][0] = 0.5 * (uc[s + 1 : e + 1, 2 : n1 - 2, 2 : n2 - 2] - uc[s - 1 : e - 1, 2 : n1 - 2, 2 : n2 - 2])
+            g[c][1] = 0.5 * (uc[s:e, 3 : n1 - 1, 2 : n2 - 2] - uc[s:e, 1 : n1 - 3, 2 : n2 - 2])
+            g[c][2] = 0.5 * (uc[s:e, 2 : n1 - 2, 3 : n2 - 1] - uc[s:e, 2 : n1 - 2, 1 : n2 - 3])
+            g[c][c] = g[c][c] + 1.0
+        out[s - 2 : e - 2] = _det3(*g[0], *g[1], *g[2])
+    return out
+
+
+def jacobian_determinant(disp: Any) -> np.ndarray:
+    """Central-difference Jacobian determinant ``det(I + ∇u)`` (float64, full size ``D0×D1×D2``).
+
+    Kernel ``[-0.5, 0, 0.5]`` with zero padding (Learn2Reg); the 2-voxel border, where the padding biases the
+    value, is set to 1 (neutral, for display). Statistics use the cropped interior.
+    """
+    u = _as_disp(disp)
+    jac = np.ones(u.shape[1:], dtype=np.float64)
+    inner = _central_jacobian_cropped(u)
+    if inner.size:
+        jac[2:-2, 2:-2, 2:-2] = inner
+    return jac
+
+
+def jacobian_determinant_torch(disp):
+    """Torch twin of :func:`jacobian_determinant` for ``B×3×S`` (differentiable, any device): ``B×S``."""
+    import torch
+
+    if disp.ndim != 5 or disp.shape[1] != 3:
+        raise UserError(f"displacement must be B×3×D0×D1×D2, got shape {tuple(disp.shape)}")
+    _, _, n0, n1, n2 = disp.shape
+    jac = torch.ones((disp.shape[0], n0, n1, n2), dtype=disp.dtype, device=disp.device)
+    if min(n0, n1, n2) < 5:
+        return jac
+    g = [[None] * 3 for _ in range(3)]
+    for c in range(3):
+        uc = disp[:, c]
+        g[c][0] = 0.5 * (uc[:, 3 : n0 - 1, 2 : n1 - 2, 2 : n2 - 2] - uc[:, 1 : n0 - 3, 2 : n1 - 2, 2 : n2 - 2])
+        g[c][1] = 0.5 * (uc[:, 2 : n0 - 2, 3 : n1 - 1, 2 : n2 - 2] - uc[:, 2 : n0 - 2, 1 : n1 - 3, 2 : n2 - 2])
+        g[c][2] = 0.5 * (uc[:, 2 : n0 - 2, 2 : n1 - 2, 3 : n2 - 1] - uc[:, 2 : n0 - 2, 2 : n1 - 2, 1 : n2 - 3])
+        g[c][c] = g[c][c] + 1.0
+    inner = _det3(*g[0], *g[1], *g[2])
+    # pad the interior back to full size with ones (out-of-place, so autograd flows through `inner`)
+    return torch.nn.functional.pad(inner - 1.0, (2, 2, 2, 2, 2, 2)) + 1.0
+
+
+def _cropped_jacobian_checked(disp: Any) -> np.ndarray:
+    u = _as_disp(disp)
+    if min(u.shape[1:]) < 5:
+        raise UserError(f"grid {tuple(u.shape[1:])} too small for the 2-voxel-cropped Jacobian (need ≥ 5)")
+    return _central_jacobian_cropped(u)
+
+
+def sdlogj(disp: Any) -> float:
+    """Learn2Reg SDlogJ: ``std(log(clip(J + 3, 1e-9, 1e9)))`` over the 2-voxel-cropped volume (note the +3)."""
+    jac = _cropped_jacobian_checked(disp)
+    return float(np.log(np.clip(jac + 3.0, 1e-9, 1e9)).std())
+
+
+def folded_fraction(disp: Any) -> float:
+    """Fraction of voxels with central-difference ``J ≤ 0`` in the 2-voxel-cropped volume."""
+    jac = _cropped_jacobian_checked(disp)
+    return float(np.count_nonzero(jac <= 0) / jac.size)
+
+
+def folded_percent(disp: Any) -> float:
+    """:func:`folded_fraction` × 100."""
+    return 100.0 * folded_fraction(disp)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NDV: non-diffeomorphic volume (digital diffeomorphism, Liu et al. IJCV 2024)
+# ----------------------------------------------------------------------------------------------------------
+_ONE_SIDED = [(a, b, c) for a in "+-" for b in "+-" for c in "+-"]
+_SCHEMES = ["".join(s) for s in _ONE_SIDED] + ["*1", "*2"]
+
+
+def _ndv_slab(u: np.ndarray, s: int, e: int) -> dict[str, np.ndarray]:
+    """The 10 determinants at voxels ``[s:e] × [1:-1] × [1:-1]`` (1-voxel crop: edge replication unused).
+
+    One-sided schemes: columns are forward ``T(p+e_a) − T(p)`` or backward ``T(p) − T(p−e_a)`` differences
+    (determinant 1 for the identity). ``*1``/``*2``: the central tetrahedra spanned by the backward / forward
+    face diagonals ``T(p ∓ e_a ∓ e_b) − T(p)``, columns ordered so that the identity gives +2.
+    """
+    _, n0, n1, n2 = u.shape
+
+    def at(o0: int, o1: int, o2: int) -> np.ndarray:
+        return u[:, s + o0 : e + o0, 1 + o1 : n1 - 1 + o1, 1 + o2 : n2 - 1 + o2]
+
+    def diff(off: tuple[int, int, int], base: tuple[int, int, int] = (0, 0, 0)) -> list[np.ndarray]:
+        """Components of ``T(p+off) − T(p+base)`` with ``T = id + u``."""
+        d = at(*off) - at(*base)
+        return [d[c] + (off[c] - base[c]) for c in range(3)]
+
+    unit = [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    neg = [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]
+    fwd = [diff(unit[a]) for a in range(3)]
+    bwd = [diff((0, 0, 0), neg[a]) for a in range(3)]
+    out: dict[str, np.ndarray] = {}
+    for signs in _ONE_SIDED:
+        cols = [fwd[a] if signs[a] == "+" else bwd[a] for a in range(3)]
+        # matrix entry (component c, column k) = cols[k][c]
+        out["".join(signs)] = _det3(
+            cols[0][0], cols[1][0], cols[2][0], cols[0][1], cols[1][1], cols[2][1], cols[0][2], cols[1][2], cols[2][2]
+        )
+    f01, f12, f02 = diff((1, 1, 0)), diff((0, 1, 1)), diff((1, 0, 1))
+    b01, b12, b02 = diff((-1, -1, 0)), diff((0, -1, -1)), diff((-1, 0, -1))
+    for name, cols in (("*1", (b01, b02, b12)), ("*2", (f01, f12, f02))):
+        out[name] = _det3(
+            cols[0][0], cols[1][0], cols[2][0], cols[0][1], cols[1][1], cols[2][1], cols[0][2], cols[1][2], cols[2][2]
+        )
+    return out
+
+
+def digital_jacobian_determinants(disp: Any) -> dict[str, np.ndarray]:
+    """The 10 finite-difference Jacobian determinants of ``T = id + u`` on the 1-voxel-cropped grid.
+
+    Keys ``'+++'`` … ``'---'`` (forward/backward per axis; identity → 1) and ``'*1'``, ``'*2'`` (central
+    tetrahedra; identity → 2). Memory: 10 float64 volumes; :func:`ndv` streams instead.
+    """
+    u = _as_disp(disp)
+    if min(u.shape[1:]) < 3:
+        raise UserError(f"grid {tuple(u.shape[1:])} too small for NDV (need ≥ 3 per axis)")
+    parts = [_ndv_slab(u, s, min(s + _SLAB, u.shape[1] - 1)) for s in range(1, u.shape[1] - 1, _SLAB)]
+    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in _SCHEMES}
+
+
+def ndv(disp: Any, mask: Any = None) -> float:
+    """Non-diffeomorphic volume in % of the mask: ``Σ_schemes Σ_voxels ½·max(−J, 0)/6`` ÷ mask size × 100.
+
+    ``mask``: a boolean map, or the fixed image (voxels > 0 are used, the data README's convention);
+    ``None`` = the whole grid. Mask and sums are taken on the 1-voxel-cropped grid. Identity → 0; this equals
+    the mean negative volume of the two 5-tetrahedra decompositions of each voxel cube.
+    """
+    u = _as_disp(disp)
+    shape = u.shape[1:]
+    if min(shape) < 3:
+        raise UserError(f"grid {tuple(shape)} too small for NDV (need ≥ 3 per axis)")
+    if mask is None:
+        m = np.ones(shape, dtype=bool)
+    else:
+        m = _to_numpy(mask)
+        while m.ndim > 3 and m.shape[0] == 1:
+            m = m[0]
+        if m.shape != shape:
+            raise UserError(f"NDV mask {tuple(m.shape)} and displacement grid {tuple(shape)} differ")
+        m = m > 0
+    m = m[1:-1, 1:-1, 1:-1]
+    n_mask = int(np.count_nonzero(m))
+    if n_mask == 0:
+        return float("nan")
+    total = 0.0
+    for s in range(1, shape[0] - 1, _SLAB):
+        e = min(s + _SLAB, shape[0] - 1)
+        msl = m[s - 1 : e - 1]
+        if not msl.any():
+            continue
+        neg = sum(np.maximum(-j, 0.0) for j in _ndv_slab(u, s, e).values())
+        total += float(neg[msl].sum())
+    return total / 12.0 / n_mask * 100.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TRE and inverse consistency
+# ----------------------------------------------------------------------------------------------------------
+def tre(
+    fixed_landmarks_vol: Any, warped_landmarks_vol: Any, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> float:
+    """Target registration error (LUMIR): mean distance between the centroids of matching landmark labels.
+
+    Inputs are label volumes (the moving one already warped with nearest neighbour); labels present in both
+    count. Distances in the units of ``spacing`` (mm). NaN when no landmark is common.
+    """
+    from scipy.ndimage import center_of_mass
+
+    f = _as_labels(fixed_landmarks_vol, "fixed landmarks")
+    w = _as_labels(warped_landmarks_vol, "warped landmarks")
+    _check_same_shape(f, w, "tre")
+    common = sorted(set(_label_counts(f)) & set(_label_counts(w)) - {0})
+    if not common:
+        return float("nan")
+    cf = np.asarray(center_of_mass(np.ones_like(f, dtype=np.float64), f, common), dtype=np.float64)
+    cw = np.asarray(center_of_mass(np.ones_like(w, dtype=np.float64), w, common), dtype=np.float64)
+    sp = np.asarray(spacing, dtype=np.float64).reshape(1, 3)
+    return float(np.linalg.norm((cf - cw) * sp, axis=1).mean())
+
+
+def _sample_linear(u: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Trilinear sampling of each channel at ``coords`` with border clamping (= grid_sample 'border')."""
+    from scipy.ndimage import map_coordinates
+
+    return np.stack([map_coordinates(u[c], coords, order=1, mode="nearest") for c in range(3)])
+
+
+def inverse_consistency_error(u12: Any, u21: Any, margin: int = 2) -> dict[str, float]:
+    """Inverse-consistency error (ARCHITECTURE.md §14), in voxels.
+
+    ``e(p) = ‖u21(p) + u12(p + u21(p))‖`` and symmetrically ``‖u12(p) + u21(p + u12(p))‖``, linear interpolation
+    with border padding; the two maps are pooled over the interior (``margin`` voxels cropped on every side).
+    Returns ``{'mean', 'p99'}``.
+    """
+    a = _as_disp(u12)
+    b = _as_disp(u21)
+    _check_same_shape(a, b, "inverse_consistency_error")
+    grid = np.indices(a.shape[1:], dtype=np.float64)
+    errs = []
+    for first, second in ((b, a), (a, b)):
+        resid = first + _sample_linear(second, grid + first)
+        e = np.sqrt((resid**2).sum(axis=0))
+        if margin > 0:
+            e = e[margin:-margin, margin:-margin, margin:-margin]
+        errs.append(e.ravel())
+    allerr = np.concatenate(errs)
+    if allerr.size == 0:
+        raise UserError(f"grid {tuple(a.shape[1:])} too small for a {margin}-voxel margin")
+    return {"mean": float(allerr.mean()), "p99": float(np.percentile(allerr, 99))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# everything at once (the CLI writes this dict to metrics.json: keep the names stable)
+# ----------------------------------------------------------------------------------------------------------
+def evaluate_registration(
+    disp: Any,
+    fixed_labels: Any = None,
+    moving_labels: Any = None,
+    fixed_image: Any = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    labels: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """All metrics of one registration on the fixed grid.
+
+    Always: ``sdlogj``, ``folded_pct`` (% of central-difference J ≤ 0) and ``ndv`` (% of the mask
+    ``fixed_image > 0``, whole grid without ``fixed_image``). With both label maps (moving labels on the
+    same grid as the fixed one, before warping): ``dice``, ``dice_per_label``, ``dice_before``,
+    ``dice_before_per_label``, ``hd95``, ``hd95_per_label`` and ``hd95_undefined_labels`` (count of labels
+    with a Dice but no HD95). ``labels`` defaults to the non-zero labels of either map. Per-label keys are ints.
+    """
+    u = _as_disp(disp)
+    grid = u.shape[1:]
+    result: dict[str, Any] = {}
+    if (fixed_labels is None) != (moving_labels is None):
+        raise UserError("Dice/HD95 need both the fixed and the moving label maps")
+    if fixed_labels is not None:
+        fl = _as_labels(fixed_labels, "fixed labels")
+        ml = _as_labels(moving_labels, "moving labels")
+        if fl.shape != grid or ml.shape != grid:
+            raise UserError(
+                f"label maps {tuple(fl.shape)}, {tuple(ml.shape)} must be on the displacement grid {tuple(grid)}"
+            )
+        if labels is None:
+            labels = _default_labels(fl, ml)
+        labels = [int(v) for v in labels]
+        warped = warp_labels_nearest(ml, u)
+        dpl = dice_per_label(fl, warped, labels, moving=ml)
+        dbl = dice_per_label(fl, ml, labels)
+        hpl = hd95_per_label(fl, warped, labels, spacing)
+        result.update(
+            dice=_mean(dpl.values()),
+            dice_per_label=dpl,
+            dice_before=_mean(dbl.values()),
+            dice_before_per_label=dbl,
+            hd95=_mean(hpl.values()),
+            hd95_per_label=hpl,
+            hd95_undefined_labels=sum(1 for k in dpl if k not in hpl),
+        )
+    mask = None
+    if fixed_image is not None:
+        img = _to_numpy(fixed_image)
+        while img.ndim > 3 and img.shape[0] == 1:
+            img = img[0]
+        if img.shape != grid:
+            raise UserError(f"fixed image {tuple(img.shape)} is not on the displacement grid {tuple(grid)}")
+        mask = img > 0
+    result["sdlogj"] = sdlogj(u)
+    result["folded_pct"] = folded_percent(u)
+    result["ndv"] = ndv(u, mask)
+    return result

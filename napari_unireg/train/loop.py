@@ -1,0 +1,699 @@
+"""The training loop: §8 losses, §9 optimiser/schedule/pair directions, validation, checkpoints, export.
+
+Steps are optimiser steps. (a)/(c) models take two steps per loaded pair (moving→fixed, then fixed→moving);
+inverse-consistent (b) models take one step per pair with the symmetric loss, which counts as two directed
+pairs. The learning-rate schedule runs on "epochs" of ``optim.pairs_per_epoch`` directed pairs and, as in the
+authors' code, is updated after every step with the position *before* that step.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as _dt
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from . import checkpointing as ckpt
+from . import distributed as dist_utils
+from .config import RESUME_SAFE_KEYS, Config, config_diff, config_from_dict, save_config
+from .data import PairDataset, PairPlan, TrainingSet, VolumeLoader, discover, downsample_image, make_loader
+
+__all__ = ["TrainResult", "StepPlan", "plan_steps", "train", "validate", "train_step", "LAST", "BEST"]
+
+LAST = "last.pt"
+BEST = "best"
+LOG = "log.csv"
+VAL_LOG = "val.csv"
+LOG_FIELDS = ["step", "epoch", "loss", "sim", "reg", "dice_loss", "lr", "seconds", "data_seconds", "elapsed", "synthetic"]
+VAL_FIELDS = ["step", "epoch", "dice", "ndv", "sdlogj", "folded_pct", "sim", "n_pairs", "seconds", "best"]
+
+
+@dataclass
+class StepPlan:
+    """How a run's steps relate to pairs and epochs."""
+
+    symmetric: bool
+    bidir: bool
+    steps_per_pair: int  # optimiser steps per loaded pair batch
+    pairs_per_step: int  # directed pairs one step consumes (all ranks, whole batch)
+    total_steps: int
+    val_every: int  # steps; 0 = only the final validation
+
+    def epoch(self, step: int, pairs_per_epoch: int) -> float:
+        return step * self.pairs_per_step / pairs_per_epoch
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (rank 0 also wrote everything under ``out_dir``)."""
+
+    model: Any  # the trained network (unwrapped), weights as after the last step
+    step: int
+    total_steps: int
+    out_dir: Path
+    best: dict[str, Any] | None = None
+    last_val: dict[str, Any] | None = None
+    exported: tuple[Path, Path] | None = None
+    interrupted: bool = False
+    wall_time: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- planning
+def plan_steps(cfg: Config, symmetric: bool, world: int = 1) -> StepPlan:
+    """Steps per pair, directed pairs per step, total steps and the validation interval."""
+    o = cfg.optim
+    directions = o.directions
+    if directions == "auto":
+        directions = "single" if symmetric else "bidir"
+    if directions not in ("bidir", "single"):
+        raise UserError(f"optim.directions must be auto, bidir or single, not {o.directions!r}")
+    bidir = directions == "bidir"
+    per_step = (2 if symmetric else 1) * o.batch_size * world
+    if cfg.steps is not None:
+        total = int(cfg.steps)
+    else:
+        total = int(math.ceil(o.epochs * o.pairs_per_epoch / per_step))
+    if total < 1:
+        raise UserError(f"steps must be at least 1, got {total}")
+    val_every = int(round(cfg.val.every_epochs * o.pairs_per_epoch / per_step)) if cfg.val.every_epochs > 0 else 0
+    if cfg.val.every_epochs > 0:
+        val_every = max(1, val_every)
+    return StepPlan(symmetric, bidir, 2 if bidir else 1, per_step, total, val_every)
+
+
+def _amp_dtype(amp: str, device: Any):
+    import torch
+
+    amp = (amp or "none").lower()
+    if amp in ("none", "fp32", "false", "off"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cpu" else torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise UserError("amp fp16 needs CUDA; use --amp bf16 on CPU")
+        return torch.float16
+    raise UserError(f"amp must be none, bf16, fp16 or auto, not {amp!r}")
+
+
+def _validate_cfg(cfg: Config) -> None:
+    if cfg.data.resolution not in ("full", "half"):
+        raise UserError(f"data.resolution must be full or half, not {cfg.data.resolution!r}")
+    if cfg.optim.schedule not in ("cosine_restarts", "constant"):
+        raise UserError(f"optim.schedule must be cosine_restarts or constant, not {cfg.optim.schedule!r}")
+    if cfg.loss.symmetric not in ("auto", "true", "false", "True", "False"):
+        raise UserError(f"loss.symmetric must be auto, true or false, not {cfg.loss.symmetric!r}")
+    if cfg.synth.contrast not in ("random", "t1", "mixed"):
+        raise UserError(f"synth.contrast must be random, t1 or mixed, not {cfg.synth.contrast!r}")
+    if cfg.val.metric not in ("auto", "dice", "sim"):
+        raise UserError(f"val.metric must be auto, dice or sim, not {cfg.val.metric!r}")
+    if cfg.optim.batch_size < 1:
+        raise UserError("optim.batch_size must be at least 1")
+    if len(cfg.data.grid_shape) != 3:
+        raise UserError("data.grid_shape needs 3 sizes")
+    if cfg.data.resolution == "half" and any(s % 2 for s in cfg.data.grid_shape):
+        raise UserError(f"data.grid_shape {cfg.data.grid_shape} must be even for half resolution")
+    if not 0.0 <= cfg.synth.prob <= 1.0:
+        raise UserError("synth.prob must be in [0, 1]")
+
+
+# --------------------------------------------------------------------------------------------- one step
+def _onehot(labels, k: int):
+    import torch.nn.functional as F
+
+    return F.one_hot(labels[:, 0].clamp(0, k - 1), k).permute(0, 4, 1, 2, 3).float()
+
+
+def _dice_term(fixed_lab, moving_lab, disp):
+    from ..losses import dice_loss
+    from ..spatial import warp
+
+    k = int(max(int(fixed_lab.max()), int(moving_lab.max()))) + 1
+    if k < 2:
+        return disp.new_zeros(())
+    warped = warp(_onehot(moving_lab, k), disp)
+    return dice_loss(_onehot(fixed_lab, k)[:, 1:], warped[:, 1:])
+
+
+def train_step(
+    model: Any,
+    optimizer: Any,
+    moving: Any,
+    fixed: Any,
+    *,
+    lam: float = 1.0,
+    symmetric: bool = False,
+    amp_dtype: Any = None,
+    scaler: Any = None,
+    dice_weight: float = 0.0,
+    moving_label: Any = None,
+    fixed_label: Any = None,
+    grad_clip: float | None = None,
+) -> dict[str, float]:
+    """One optimiser step on a batch: §8 loss (symmetric for IC models), optional Dice term. Returns the terms."""
+    import torch
+
+    from ..losses import registration_loss
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    device_type = moving.device.type
+    with torch.autocast(device_type=device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model(moving, fixed)
+    disp = out.disp.float()
+    inverse = out.inverse.float() if (symmetric and out.inverse is not None) else None
+    if symmetric and inverse is None:
+        raise UserError("loss.symmetric needs an inverse-consistent model (one that returns the inverse field)")
+    target = type("Out", (), {"disp": disp, "inverse": inverse})() if inverse is not None else disp
+    loss, sim, reg = registration_loss(fixed, moving, target, lam, return_terms=True)
+    dl = torch.zeros((), device=moving.device)
+    if dice_weight > 0 and moving_label is not None and fixed_label is not None:
+        dl = _dice_term(fixed_label, moving_label, disp)
+        if inverse is not None:
+            dl = 0.5 * (dl + _dice_term(moving_label, fixed_label, inverse))
+        loss = loss + dice_weight * dl
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()}); lower the learning rate or disable amp")
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    return {"loss": float(loss.detach()), "sim": float(sim.detach()), "reg": float(reg.detach()),
+            "dice_loss": float(dl.detach())}
+
+
+# --------------------------------------------------------------------------------------------- validation
+def validate(model: Any, tset: TrainingSet, cfg: Config, device: Any, amp_dtype: Any = None) -> dict[str, Any] | None:
+    """Mean Dice / NDV / SDlogJ / folded % / L_sim over the validation pairs (None when there are none).
+
+    The network runs at the training resolution; with ``val.full_resolution`` its field is resized to the full
+    grid (as ``unireg register`` does) and the metrics are computed on the full-resolution label maps.
+    """
+    import torch
+
+    from ..losses import ncc_vfa
+    from ..metrics import dice_mean, folded_percent, ndv, sdlogj, warp_labels_nearest
+    from ..spatial import resize_flow, warp
+
+    pairs = tset.val_pairs[: cfg.val.max_pairs] if cfg.val.max_pairs else tset.val_pairs
+    if not pairs:
+        return None
+    factor = 2 if cfg.data.resolution == "half" else 1
+    loader = VolumeLoader(cfg.data.grid_shape, 1, cache_size=0, cache_dir=None)
+    rows = []
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        for fe, me in pairs:
+            fix_full = loader.get(fe.image, "image")
+            mov_full = loader.get(me.image, "image")
+            fix = torch.from_numpy(np.ascontiguousarray(downsample_image(fix_full, factor), dtype=np.float32))[None, None]
+            mov = torch.from_numpy(np.ascontiguousarray(downsample_image(mov_full, factor), dtype=np.float32))[None, None]
+            fix, mov = fix.to(device), mov.to(device)
+            with torch.no_grad():
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    out = model(mov, fix)
+                disp = out.disp.float()
+                row: dict[str, Any] = {"sim": float(ncc_vfa(fix, warp(mov, disp)))}
+                if cfg.val.full_resolution and factor > 1:
+                    disp = resize_flow(disp, fix_full.shape)
+                    mask = fix_full > 0
+                else:
+                    mask = fix[0, 0].cpu().numpy() > 0
+            u = disp[0].cpu().numpy()
+            row["sdlogj"] = sdlogj(u)
+            row["ndv"] = ndv(u, mask)
+            row["folded_pct"] = folded_percent(u)
+            if fe.label and me.label:
+                fl = loader.get(fe.label, "label", ref_image=fe.image)
+                ml = loader.get(me.label, "label", ref_image=me.image)
+                if u.shape[1:] != fl.shape:  # metrics at the training resolution
+                    from .data import downsample_labels
+
+                    fl, ml = downsample_labels(fl, factor), downsample_labels(ml, factor)
+                row["dice"] = dice_mean(fl, warp_labels_nearest(ml, u))
+            rows.append(row)
+    finally:
+        model.train(was_training)
+    res: dict[str, Any] = {"n_pairs": len(rows), "seconds": time.perf_counter() - t0}
+    for key in ("dice", "ndv", "sdlogj", "folded_pct", "sim"):
+        vals = [r[key] for r in rows if key in r and r[key] == r[key]]
+        res[key] = float(np.mean(vals)) if vals else None
+    return res
+
+
+# --------------------------------------------------------------------------------------------- logging
+class _Logs:
+    """CSV logs, optional TensorBoard and the tqdm bar (rank 0 only)."""
+
+    def __init__(self, out: Path, step: int, total: int, cfg: Config, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        self.log_path, self.val_path = out / LOG, out / VAL_LOG
+        for path, fields in ((self.log_path, LOG_FIELDS), (self.val_path, VAL_FIELDS)):
+            self._truncate(path, fields, step)
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"), purge_step=step if step else None)
+            except ImportError:  # optional dependency
+                self.tb = None
+        if cfg.log.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, desc="train")
+
+    @staticmethod
+    def _truncate(path: Path, fields: list[str], step: int) -> None:
+        """Keep rows up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
+        rows = []
+        if path.is_file() and step > 0:
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows({k: r.get(k, "") for k in fields} for r in rows)
+
+    def _append(self, path: Path, fields: list[str], row: dict[str, Any]) -> None:
+        with open(path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=fields).writerow({k: _fmt(row.get(k)) for k in fields})
+
+    def step(self, row: dict[str, Any], write: bool) -> None:
+        if not self.enabled:
+            return
+        if write:
+            self._append(self.log_path, LOG_FIELDS, row)
+        if self.tb is not None:
+            for k in ("loss", "sim", "reg", "lr"):
+                self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+
+    def val(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._append(self.val_path, VAL_FIELDS, row)
+        if self.tb is not None:
+            for k in ("dice", "ndv", "sdlogj", "sim"):
+                if row.get(k) is not None:
+                    self.tb.add_scalar(f"val/{k}", row[k], row["step"])
+        msg = "val step {step}: ".format(**row) + ", ".join(
+            f"{k} {row[k]:.4f}" for k in ("dice", "sim", "ndv", "sdlogj") if row.get(k) is not None
+        ) + (" (best)" if row.get("best") else "")
+        self.write(msg)
+
+    def write(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+class _StopFlag:
+    """First SIGINT/SIGTERM: finish the current step, save, stop. A second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# --------------------------------------------------------------------------------------------- main entry
+def _better(metric: str, new: float | None, old: float | None) -> bool:
+    if new is None:
+        return False
+    if old is None:
+        return True
+    return new > old if metric == "dice" else new < old
+
+
+def _resume_config(saved: dict[str, Any], cfg: Config, where: Path) -> Config:
+    try:
+        saved_cfg = config_from_dict(saved)
+    except UserError as e:
+        raise UserError(f"{where}: the saved config is not valid ({e})") from None
+    diff = [k for k in config_diff(saved_cfg, cfg) if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE_KEYS)]
+    if diff:
+        shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
+        raise UserError(f"--resume: the config differs from the saved run in {shown}; resume without changing them")
+    return cfg
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    command: str = "",
+    model: Any = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train ``cfg.model`` (or ``model``) and write the run folder ``out_dir``.
+
+    Run folder: ``config.yaml`` (resolved config), ``log.csv``/``val.csv``, ``last.pt`` (resume state, every
+    ``log.checkpoint_every`` steps and at the end), ``best.safetensors``/``.json`` (best validation),
+    ``<export.name>.safetensors``/``.json`` (final weights + model card). With ``resume`` and a ``last.pt``,
+    continues exactly where it stopped. ``on_step(step, terms)`` is called after every step; ``should_stop()``
+    is polled after every step (True: save and stop, like SIGINT/SIGTERM).
+    """
+    import torch
+
+    _validate_cfg(cfg)
+    dist = dist_utils.setup(cfg.device)
+    try:
+        return _train(cfg, Path(out_dir), dist, resume, command, model, on_step, should_stop)
+    finally:
+        dist_utils.teardown(dist)
+
+
+def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> TrainResult:  # noqa: C901
+    import torch
+
+    from ..models.checkpoint import save_weights
+
+    t_start = time.perf_counter()
+    device = dist.device
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    state_path = out / LAST
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    state = None
+    if state_path.exists():
+        if not resume:
+            raise UserError(f"{out} already holds a run ({LAST}); use --resume to continue it or another --out")
+        state = ckpt.load_state(state_path)
+        cfg = _resume_config(state["config"], cfg, state_path)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist_utils.barrier(dist)
+
+    # data first: a bad data set fails before any weights are built
+    tset = discover(cfg.data, cfg.synth)
+    factor = 2 if cfg.data.resolution == "half" else 1
+
+    # model, same initial weights on every rank (DDP also broadcasts them)
+    import random
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    if model is None:
+        from ..models.registry import build_model
+
+        model = build_model(cfg.model, **cfg.model_config)
+    model.to(device)
+    is_ic = bool(getattr(model, "is_inverse_consistent", False))
+    sym = cfg.loss.symmetric
+    symmetric = is_ic if sym == "auto" else str(sym).lower() == "true"
+    plan = plan_steps(cfg, symmetric, dist.world)
+    if state is not None and cfg.steps is None:
+        plan.total_steps = max(plan.total_steps, int(state["step"]))
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, amsgrad=cfg.optim.amsgrad,
+                                 weight_decay=cfg.optim.weight_decay)
+    scheduler = None
+    if cfg.optim.schedule == "cosine_restarts":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=cfg.optim.T_0, T_mult=cfg.optim.T_mult, eta_min=cfg.optim.eta_min)
+    amp_dtype = _amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    step, best, history, elapsed0, init_info = 0, None, [], 0.0, None
+    if state is not None:
+        if state["model_name"] != cfg.model:
+            raise UserError(f"{state_path} holds a '{state['model_name']}' run, not '{cfg.model}'")
+        ckpt.load_model_state(model, state["model"], str(state_path))
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"{state_path}: optimiser state does not fit the model ({str(e).splitlines()[0]})") from None
+        ckpt.set_rng_state(state["rng"])
+        step = int(state["step"])
+        best = state.get("best")
+        history = list(state.get("history") or [])
+        elapsed0 = float(state.get("elapsed", 0.0))
+        init_info = state.get("init")
+    elif cfg.init_encoder:
+        init_info = ckpt.init_from(model, cfg.init_encoder, decoder=cfg.init_decoder)
+
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml", header=f"napari-unireg training run\ncommand: {command}" if command else "")
+    net = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    pair_plan = PairPlan(len(tset.entries), tset.excluded, cfg.data.seed, cfg.synth.prob, len(tset.label_maps),
+                         cfg.synth.same_map_prob)
+    vol_loader = VolumeLoader(cfg.data.grid_shape, factor, cfg.data.cache_size, cfg.data.cache_dir)
+    want_labels = cfg.loss.dice_weight > 0
+    dataset = PairDataset(tset, cfg, pair_plan, vol_loader, want_labels)
+    start_batch, skip = divmod(step, plan.steps_per_pair)
+
+    metric = cfg.val.metric
+    if metric == "auto":
+        metric = "dice" if any(f.label and m.label for f, m in tset.val_pairs) else "sim"
+
+    logs = _Logs(out, step, plan.total_steps, cfg, dist.is_main)
+    if dist.is_main and step == 0:
+        d = tset.describe()
+        logs.write(
+            f"training {cfg.model} on {d['n_images']} images ({d['n_labelled']} labelled), "
+            f"{len(tset.val_pairs)} validation pairs (excluded from training: {len(tset.excluded)} pairs), "
+            f"{len(tset.label_maps)} synthesis label maps, {plan.total_steps} steps on {device}"
+            + (f" x{dist.world}" if dist.enabled else "")
+        )
+        if init_info:
+            logs.write(f"initialised from {init_info['source']}: {init_info['encoder_tensors']} encoder, "
+                       f"{init_info['decoder_tensors']} decoder tensors")
+    elif dist.is_main:
+        logs.write(f"resuming at step {step}/{plan.total_steps}")
+
+    def save(step_now: int) -> None:
+        if not dist.is_main:
+            return
+        ckpt.save_state(
+            state_path,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            scaler=scaler.state_dict() if scaler is not None else None,
+            step=step_now,
+            best=best,
+            history=history,
+            elapsed=elapsed0 + time.perf_counter() - t_start,
+            rng=ckpt.rng_state(),
+            config=cfg.to_dict(),
+            model_name=cfg.model,
+            model_config=dict(getattr(model, "config", {}) or {}),
+            init=init_info,
+        )
+
+    def run_validation(step_now: int) -> dict[str, Any] | None:
+        nonlocal best
+        res = None
+        if dist.is_main:
+            res = validate(model, tset, cfg, device, amp_dtype)
+            if res is not None:
+                score = res.get(metric)
+                is_best = _better(metric, score, None if best is None else best.get(metric))
+                row = {"step": step_now, "epoch": plan.epoch(step_now, cfg.optim.pairs_per_epoch), **res,
+                       "best": int(is_best)}
+                history.append({k: row[k] for k in ("step", "dice", "ndv", "sdlogj", "folded_pct", "sim")})
+                if is_best:
+                    best = {**res, "step": step_now, "metric": metric}
+                    save_weights(model, out / BEST, {"name": cfg.model, "resolution": cfg.data.resolution,
+                                                     "metrics": best, "step": step_now}, dtype=torch.float32)
+                logs.val(row)
+        dist_utils.barrier(dist)
+        return res
+
+    last_val = None
+    interrupted = False
+    ppe = cfg.optim.pairs_per_epoch
+    t_iter = time.perf_counter()
+    try:
+        with _StopFlag() as stop_flag:
+            if step < plan.total_steps:
+                loader = make_loader(dataset, start_batch, cfg.optim.batch_size, dist.rank, dist.world, cfg)
+                for batch in loader:
+                    data_s = time.perf_counter() - t_iter
+                    mov = batch["moving"].to(device, non_blocking=True)
+                    fix = batch["fixed"].to(device, non_blocking=True)
+                    ml, fl = batch["moving_label"], batch["fixed_label"]
+                    if ml is not None:
+                        ml, fl = ml.to(device), fl.to(device)
+                    directions = [(mov, fix, ml, fl)] + ([(fix, mov, fl, ml)] if plan.bidir else [])
+                    stop_now = False
+                    for m, f, lm, lf in directions[skip:]:
+                        t0 = time.perf_counter()
+                        lr = optimizer.param_groups[0]["lr"]
+                        terms = train_step(
+                            net, optimizer, m, f, lam=cfg.loss.lam, symmetric=symmetric, amp_dtype=amp_dtype,
+                            scaler=scaler, dice_weight=cfg.loss.dice_weight, moving_label=lm, fixed_label=lf,
+                            grad_clip=cfg.optim.grad_clip,
+                        )
+                        if scheduler is not None:  # §9: after each step, with the position before it
+                            scheduler.step(step * plan.pairs_per_step / ppe)
+                        step += 1
+                        row = {"step": step, "epoch": plan.epoch(step, ppe), **terms, "lr": lr,
+                               "seconds": time.perf_counter() - t0 + data_s, "data_seconds": data_s,
+                               "elapsed": elapsed0 + time.perf_counter() - t_start,
+                               "synthetic": int(any(batch["synthetic"]))}
+                        data_s = 0.0
+                        logs.step(row, write=step % max(1, cfg.log.log_every) == 0)
+                        if on_step is not None:
+                            on_step(step, terms)
+                        if step % max(1, cfg.log.checkpoint_every) == 0 and step < plan.total_steps:
+                            save(step)
+                        if plan.val_every and step % plan.val_every == 0 and step < plan.total_steps:
+                            last_val = run_validation(step)
+                        flag = stop_flag.flag or (should_stop is not None and should_stop())
+                        if dist_utils.any_flag(dist, flag) or step >= plan.total_steps:
+                            stop_now = True
+                            break
+                    skip = 0
+                    t_iter = time.perf_counter()
+                    if stop_now:
+                        break
+                del loader
+            interrupted = step < plan.total_steps
+            if interrupted:
+                save(step)
+                logs.write(f"stopped at step {step}/{plan.total_steps}; continue with --resume")
+    finally:
+        logs.close()
+
+    exported = None
+    if not interrupted:
+        if not history or history[-1]["step"] != step:
+            last_val = run_validation(step)
+        save(step)
+        if dist.is_main:
+            exported = _export(model, cfg, out, tset, plan, step, best, last_val, history, command, dist,
+                               elapsed0 + time.perf_counter() - t_start, init_info)
+    dist_utils.barrier(dist)
+    return TrainResult(model, step, plan.total_steps, out, best, last_val, exported, interrupted,
+                       elapsed0 + time.perf_counter() - t_start, history)
+
+
+def _export(model, cfg, out, tset, plan, step, best, last_val, history, command, dist, wall, init_info):
+    import torch
+
+    from ..models.checkpoint import checkpoint_paths, save_weights
+    from .checkpointing import load_model_state
+
+    export_model, which = model, "last"
+    best_w, _ = checkpoint_paths(out / BEST)
+    if cfg.export.use_best and best is not None and best_w.is_file():
+        from safetensors.torch import load_file
+
+        export_model = copy.deepcopy(model)
+        load_model_state(export_model, load_file(str(best_w)), str(best_w))
+        which = "best"
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.export.dtype)
+    if dtype is None:
+        raise UserError(f"export.dtype must be float16, bfloat16 or float32, not {cfg.export.dtype!r}")
+    from .. import __version__
+
+    metrics = dict(best if which == "best" else (last_val or {}))
+    train_shape = [s // (2 if cfg.data.resolution == "half" else 1) for s in cfg.data.grid_shape]
+    card = {
+        "name": cfg.model,
+        "description": f"{cfg.model} trained with `unireg train` ({step} steps, {cfg.data.resolution} resolution)",
+        "resolution": cfg.data.resolution,
+        "grid_shape": list(cfg.data.grid_shape),
+        "input_shape": train_shape,
+        "metrics": metrics,
+        "training": {
+            "command": command,
+            "config": cfg.to_dict(),
+            "data": tset.describe(),
+            "validation_pairs_policy": (
+                "validation images dropped from training" if cfg.data.exclude_val_subjects else
+                "validation pairs (fixed, moving) never sampled for training in either direction; their images "
+                "are used in other pairs" if cfg.data.exclude_val_pairs else "validation pairs not excluded"
+            ),
+            "steps": step,
+            "epochs": plan.epoch(step, cfg.optim.pairs_per_epoch),
+            "directed_pairs": step * plan.pairs_per_step,
+            "directions": "symmetric" if plan.symmetric else ("bidir" if plan.bidir else "single"),
+            "seed": cfg.seed,
+            "data_seed": cfg.data.seed,
+            "amp": cfg.amp,
+            "init": init_info,
+            "hardware": dist_utils.hardware_info(dist),
+            "wall_time_s": round(wall, 1),
+            "exported": which,
+            "best_step": (best or {}).get("step"),
+            "val_history": history,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "napari_unireg": __version__,
+        },
+    }
+    return save_weights(export_model, out / cfg.export.name, card, dtype=dtype)

@@ -1,0 +1,179 @@
+"""Pure parts of the napari front end: layer data, hover read-out, result tuples, metrics tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_unireg._napari import layers as L
+from napari_unireg._napari import results
+from napari_unireg._napari.metrics_widget import label_table, summary_table, to_text, write_csv
+from napari_unireg._napari.ortho_views import plane_layout
+from napari_unireg._napari.runs import RunStore
+from napari_unireg._napari.status import append_to_status, readout
+from napari_unireg.engine_types import RegistrationResult
+
+SHAPE = (16, 18, 14)
+
+
+def affine_field(shape, M, c=None):
+    """Voxel displacement of p -> M (p - c) + c, i.e. u = (M - I)(p - c)."""
+    p = np.indices(shape).astype(np.float64)
+    c = np.array([(n - 1) / 2 for n in shape]) if c is None else np.asarray(c)
+    q = p - c[:, None, None, None]
+    return np.einsum("ij,j...->i...", M - np.eye(3), q).astype(np.float32)
+
+
+def fake_run(store=None, M=None, spacing=(1.0, 1.0, 1.0), seg=True, model="toy"):
+    from napari_unireg.metrics import jacobian_determinant
+
+    M = np.diag([1.1, 0.9, 1.0]) if M is None else M
+    disp = affine_field(SHAPE, M)
+    rng = np.random.default_rng(0)
+    fixed = rng.random(SHAPE).astype(np.float32)
+    warped = L.warp_array(fixed, disp)
+    fseg = (np.indices(SHAPE)[0] // 6 + 1).astype(np.uint8) if seg else None
+    wseg = L.warp_array(fseg, disp, labels=True) if seg else None
+    metrics = {"dice": 0.8, "dice_before": 0.6, "hd95": 1.5, "sdlogj": 0.01, "ndv": 0.0, "folded_pct": 0.0,
+               "dice_per_label": {1: 0.9, 2: 0.8, 3: 0.7}, "dice_before_per_label": {1: 0.7, 2: 0.6, 3: 0.5}}
+    res = RegistrationResult(disp_model=disp, disp_native=disp, warped=warped, jacobian=jacobian_determinant(disp),
+                             metrics=metrics, warped_seg=wseg, model_name=model, device="cpu",
+                             seconds={"total": 1.25})
+    A = np.diag([*spacing, 1.0])
+    A[:3, 3] = (-8.0, -9.0, -7.0)
+    store = RunStore() if store is None else store
+    return store.add(fixed_name="fix", moving_name="mov", model=model, result=res, affine=A, fixed=fixed,
+                     fixed_seg=fseg, fixed_seg_name="fseg", moving_seg_name="mseg",
+                     label_names={1: "one", 2: "two"}, moving=fixed, moving_affine=A, moving_seg=fseg)
+
+
+def test_grid_volume_lines_in_plane():
+    g = L.grid_volume((17, 17, 5), spacing=8, width=1, plane_axis=2)
+    assert g.shape == (17, 17, 5)
+    # lines at 0, 8, 16 along axes 0 and 1, constant along the plane axis
+    assert g[8, 3, 0] == 1 and g[3, 8, 4] == 1 and g[3, 3, 2] == 0
+    np.testing.assert_array_equal(g[..., 0], g[..., 4])
+    with pytest.raises(ValueError):
+        L.grid_volume((8, 8, 8), spacing=4, width=4)
+
+
+def test_warped_grids_identity_and_shift():
+    disp = np.zeros((3, *SHAPE), np.float32)
+    grids = L.warped_grids(disp, spacing=4)
+    assert [g.dtype for g in grids] == [np.uint8] * 3
+    np.testing.assert_array_equal(grids[2], (L.grid_volume(SHAPE, 4, 1, 2) * 255).astype(np.uint8))
+    disp[0] = 1.0  # pull by one voxel along axis 0: lines move to 3, 7, ... (p + 1 on a line)
+    shifted = L.warped_grids(disp, spacing=4)[2]
+    assert shifted[3, 1, 0] == 255 and shifted[4, 1, 0] == 0
+
+
+def test_checkerboard_and_difference():
+    a = np.zeros(SHAPE, np.float32)
+    a[::2] = 1.0
+    b = np.ones(SHAPE, np.float32) * 5
+    b[0, 0, 0] = 0
+    cb = L.checkerboard(a, b, tile=4)
+    assert cb[0, 0, 0] == L.robust_normalize(a)[0, 0, 0]
+    assert cb[4, 0, 0] == L.robust_normalize(b)[4, 0, 0]
+    d = L.difference(a, a)
+    assert np.abs(d).max() == 0
+    with pytest.raises(ValueError):
+        L.difference(a, a[:-1])
+
+
+def test_displacement_mm_and_folding():
+    disp = np.zeros((3, 2, 2, 2), np.float32)
+    disp[0] = 2.0
+    disp[2] = 1.0
+    A = np.diag([1.5, 1.0, 3.0, 1.0])
+    mm = L.displacement_mm(disp, A)
+    np.testing.assert_allclose(mm[:, 0, 0, 0], (3.0, 0.0, 3.0))
+    np.testing.assert_allclose(L.displacement_magnitude_mm(disp, A), np.sqrt(18.0))
+    jac = np.array([[[1.0, 0.0], [-0.5, 2.0]]])
+    np.testing.assert_array_equal(L.folding_mask(jac), [[[0, 1], [1, 0]]])
+
+
+def test_resample_to_grid():
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    A = np.eye(4)
+    assert L.resample_to_grid(data, A, data.shape, A) is data
+    B = A.copy()
+    B[0, 3] = 1.0  # target grid starts one voxel further along axis 0
+    out = L.resample_to_grid(data, A, (3, 5, 6), B)
+    np.testing.assert_allclose(out, data[1:])
+
+
+def test_readout_vector_in_mm_and_jacobian():
+    disp = np.zeros((3, *SHAPE), np.float32)
+    disp[1, 3, 4, 5] = 2.0
+    jac = np.ones(SHAPE)
+    jac[3, 4, 5] = 0.5
+    A = np.diag([2.0, 1.5, 1.0, 1.0])
+    A[:3, 3] = (10.0, 20.0, 30.0)
+    world = A[:3, :3] @ np.array([3, 4, 5]) + A[:3, 3] + 0.2  # near voxel (3, 4, 5)
+    r = readout(world, disp, A, jac)
+    assert r.voxel == (3, 4, 5)
+    np.testing.assert_allclose(r.u_mm, (0.0, 3.0, 0.0))
+    assert r.jacobian == 0.5
+    assert "J=0.500" in r.text() and "|u|=3.00 mm" in r.text()
+    assert readout((-100.0, 0.0, 0.0), disp, A, jac) is None
+    assert append_to_status("x", "u") == "x  ‖  u"
+    assert append_to_status({"coordinates": "c"}, "u")["coordinates"].endswith("u")
+    assert append_to_status("x  ‖  u", "u") == "x  ‖  u"
+
+
+def test_plane_layouts_radiological_and_neurological():
+    ax = plane_layout(2, radiological=True)
+    assert ax.order == (2, 1, 0) and ax.orientation2d == ("up", "left")
+    assert (ax.top, ax.bottom, ax.left, ax.right) == ("A", "P", "R", "L")
+    cor = plane_layout(1, radiological=False)
+    assert cor.order == (1, 2, 0) and (cor.top, cor.left, cor.right) == ("S", "L", "R")
+    sag = plane_layout(0)
+    assert sag.order == (0, 2, 1) and (sag.top, sag.bottom, sag.left, sag.right) == ("S", "I", "A", "P")
+
+
+def test_result_tuples_have_right_values_for_affine_field():
+    M = np.array([[1.1, 0.05, 0.0], [0.0, 0.9, 0.0], [0.0, 0.0, 1.2]])
+    run = fake_run(M=M, spacing=(2.0, 1.0, 1.0))
+    assert run.layer_name("warped") == "warped [mov→fix, toy]"
+    [(jac, kw, t)] = results.build(run, "jacobian")
+    assert t == "image" and kw["contrast_limits"] == L.JACOBIAN_RANGE and kw["colormap"] == "bwr"
+    np.testing.assert_allclose(jac[2:-2, 2:-2, 2:-2], np.linalg.det(M), rtol=1e-5)
+    [(mag, kw, _)] = results.build(run, "magnitude")
+    p = np.array([0, 0, 0]) - np.array([(n - 1) / 2 for n in SHAPE])
+    expected = np.linalg.norm(np.diag([2.0, 1.0, 1.0]) @ (M - np.eye(3)) @ p)
+    np.testing.assert_allclose(mag[0, 0, 0], expected, rtol=1e-5)
+    assert kw["metadata"]["unireg"]["displacement"]["disp"] is run.result.disp_native
+    [(fold, kw, t)] = results.build(run, "folding")
+    assert t == "labels" and fold.max() == 0
+    contours = results.build(run, "contours")
+    assert [kw["contour"] for _, kw, _ in contours] == [1, 1]
+    [(grid, kw, _)] = results.build(run, "grid", grid_spacing=4)
+    assert len(kw["metadata"]["unireg"]["per_axis"]) == 3 and grid.dtype == np.uint8
+    for kind in results.available_kinds(run):
+        for data, kw, _ in results.build(run, kind):
+            assert data.shape == SHAPE, kind
+            np.testing.assert_array_equal(kw["affine"], run.affine)
+            assert kw["metadata"]["unireg"]["run"] == run.id
+
+
+def test_runs_store_suffix_and_tables(tmp_path):
+    store = RunStore()
+    r1 = fake_run(store)
+    r2 = fake_run(store)
+    r3 = fake_run(store, model="other")
+    assert r2.tag.endswith("#2") and r1.tag == "mov→fix, toy"
+    header, rows = summary_table([r1, r2, r3])
+    assert header == ["metric", "toy", "toy #2", "other"]
+    by = {row[0]: row[1:] for row in rows}
+    assert by["Dice after (mean)"] == ["0.8000"] * 3
+    assert by["time (s)"][0] == "1.2" or by["time (s)"][0] == "1.3"
+    h2, rows2 = label_table([r1, r3])
+    assert h2 == ["label", "name", "before", "after toy", "after other"]
+    assert rows2[0][:3] == ["1", "one", "0.7000"]
+    text = to_text([(header, rows)])
+    assert text.splitlines()[0] == "metric\ttoy\ttoy #2\tother"
+    path = write_csv(str(tmp_path / "m.csv"), [(header, rows), (h2, rows2)])
+    assert "Dice before (mean)" in open(path).read()
+    store.remove(r2)
+    assert len(store) == 2

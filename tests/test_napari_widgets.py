@@ -1,0 +1,292 @@
+"""The dock widgets in a real napari viewer (run under ``xvfb-run -a``; needs pytest-qt).
+
+The Register tests run the real engine with its classical method on tiny volumes, with the number of optimisation
+steps patched down so they take seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_unireg._napari import show  # noqa: E402
+from napari_unireg._napari.runs import get_store  # noqa: E402
+
+from test_napari_layers import SHAPE, fake_run  # noqa: E402  (tests/ is on sys.path)
+
+pytestmark = pytest.mark.gui
+
+TINY = (20, 24, 18)
+
+
+def _blob(shape, seed):
+    from scipy.ndimage import gaussian_filter
+
+    r = np.random.default_rng(seed)
+    v = gaussian_filter(r.random(shape), 2.0)
+    return ((v - v.min()) / (v.max() - v.min())).astype(np.float32)
+
+
+@pytest.fixture
+def pair_viewer(make_napari_viewer):
+    """A viewer holding a tiny fixed/moving pair with label maps (1.2 mm voxels, RAS world)."""
+    viewer = make_napari_viewer()
+    A = np.diag([1.2, 1.2, 1.2, 1.0])
+    A[:3, 3] = (-12.0, -14.0, -10.0)
+    f, m = _blob(TINY, 0), _blob(TINY, 1)
+    viewer.add_image(f, name="fixed", affine=A)
+    viewer.add_image(m, name="moving", affine=A)
+    viewer.add_labels(((f > 0.45).astype(np.uint8) + (f > 0.6)), name="fixed labels", affine=A)
+    viewer.add_labels(((m > 0.45).astype(np.uint8) + (m > 0.6)), name="moving labels", affine=A)
+    return viewer
+
+
+@pytest.fixture
+def fast_engine(monkeypatch):
+    import napari_unireg.engine as engine
+
+    monkeypatch.setattr(engine, "CLASSICAL_STEPS", 3)
+    return engine
+
+
+def _register_widget(viewer, steps_model="classical"):
+    from napari_unireg._napari.register_widget import RegisterWidget
+
+    w = RegisterWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Register")
+    w.extra_options = {"grid_shape": (40, 40, 40)}  # >= 9 voxels at the classical quarter level
+    w.set_model(steps_model)
+    w.chk_prealign.setChecked(False)
+    return w
+
+
+def test_register_runs_and_adds_layers(pair_viewer, fast_engine, qtbot):
+    viewer = pair_viewer
+    before = {lay.name: np.array(lay.data, copy=True) for lay in viewer.layers}
+    w = _register_widget(viewer)
+    assert w.cmb_fixed.currentText() == "fixed" and w.cmb_moving.currentText() == "moving"
+    assert w.cmb_fixed_seg.currentText() == "fixed labels" and w.cmb_moving_seg.currentText() == "moving labels"
+    assert w.cmb_device.count() >= 1 and w.cmb_device.itemData(w.cmb_device.count() - 1) == "cpu"
+    outcomes = []
+    w.finished.connect(lambda status, payload: outcomes.append((status, payload)))
+    worker = w.run()
+    assert worker is not None and w.busy
+    assert w.run() is None  # a second run is refused while one is in flight
+    qtbot.waitUntil(lambda: not w.busy, timeout=180_000)
+    assert outcomes and outcomes[0][0] == "ok", outcomes
+    run = outcomes[0][1]
+    names = [lay.name for lay in viewer.layers]
+    for kind in ("warped", "warped labels", "jacobian"):
+        assert f"{kind} [moving→fixed, classical]" in names
+    warped = viewer.layers["warped [moving→fixed, classical]"]
+    assert warped.data.shape == TINY
+    np.testing.assert_allclose(warped.affine.affine_matrix, viewer.layers["fixed"].affine.affine_matrix)
+    assert run.metrics["dice"] >= 0.0 and "sdlogj" in run.metrics
+    assert w.progress_bar.value() == 1000 and "done" in w.lbl_status.text()
+    # user layers untouched
+    for name, arr in before.items():
+        np.testing.assert_array_equal(viewer.layers[name].data, arr)
+    assert len(get_store(viewer)) == 1
+    # a second run of the same pair and model is kept side by side
+    w.run()
+    qtbot.waitUntil(lambda: not w.busy, timeout=180_000)
+    assert "warped [moving→fixed, classical #2]" in [lay.name for lay in viewer.layers]
+    assert len(get_store(viewer)) == 2
+
+
+def test_register_cancel(pair_viewer, monkeypatch, qtbot):
+    import napari_unireg.engine as engine
+
+    monkeypatch.setattr(engine, "CLASSICAL_STEPS", 100_000)  # would run for a very long time
+    w = _register_widget(pair_viewer)
+    outcomes = []
+    w.finished.connect(lambda status, payload: outcomes.append(status))
+    stages = []
+    w._relay.progress.connect(lambda s, f: stages.append(s))
+    w.run()
+    qtbot.waitUntil(lambda: "inference" in stages, timeout=120_000)
+    w.cancel()
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
+    assert outcomes == ["cancelled"]
+    assert w.lbl_status.text() == "cancelled"
+    assert not any("classical" in lay.name for lay in pair_viewer.layers)
+    assert w.btn_run.isEnabled() and not w.btn_cancel.isEnabled()
+
+
+def test_register_user_error_is_a_message(pair_viewer, fast_engine, qtbot, monkeypatch):
+    import napari.utils.notifications as notes
+
+    shown = []
+    monkeypatch.setattr(notes, "show_error", lambda msg: shown.append(msg))
+    pair_viewer.add_image(np.zeros(TINY, np.float32), name="empty")
+    w = _register_widget(pair_viewer)
+    w.set_inputs("fixed", "empty")
+    outcomes = []
+    w.finished.connect(lambda status, payload: outcomes.append((status, payload)))
+    w.run()
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
+    assert outcomes[0][0] == "error" and "empty" in outcomes[0][1]
+    assert shown and "empty" in shown[0]
+    assert "empty" in w.lbl_status.text()
+    # the same layer twice is refused before any thread starts
+    w.set_inputs("fixed", "fixed")
+    assert w.run() is None and "same layer" in shown[-1]
+
+
+def _viewer_with_run(make_napari_viewer, M=None):
+    viewer = make_napari_viewer()
+    run = fake_run(get_store(viewer), M=M, spacing=(2.0, 1.0, 1.0))
+    viewer.add_image(run.fixed, name="fix", affine=run.affine)
+    return viewer, run
+
+
+def test_inspect_layers_values_and_toggles(make_napari_viewer, qtbot):
+    from napari_unireg._napari.inspect_widget import InspectWidget
+
+    M = np.array([[1.1, 0.0, 0.0], [0.05, 0.9, 0.0], [0.0, 0.0, 1.15]])
+    viewer, run = _viewer_with_run(make_napari_viewer, M)
+    w = InspectWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    assert w.current_run() is run
+    [jac] = w.show_kind("jacobian")
+    assert jac.name == "jacobian [mov→fix, toy]"
+    np.testing.assert_allclose(jac.data[2:-2, 2:-2, 2:-2], np.linalg.det(M), rtol=1e-5)
+    assert tuple(jac.contrast_limits) == (-1.0, 3.0)
+    assert "folded 0.000 %" in w.lbl_jac.text()
+    for kind in ("warped", "difference", "grid", "folding", "magnitude", "contours", "checkerboard", "flicker"):
+        layers = w.show_kind(kind)
+        assert layers and all(lay.visible for lay in layers), kind
+    assert len(show.layers_of(viewer, run, "contours")) == 2
+    assert all(lay.contour == 1 for lay in show.layers_of(viewer, run, "contours"))
+    # hiding keeps the layer; showing again does not duplicate it
+    w.show_kind("difference", False)
+    [diff] = show.layers_of(viewer, run, "difference")
+    assert not diff.visible
+    w.show_kind("difference", True)
+    assert len(show.layers_of(viewer, run, "difference")) == 1 and diff.visible
+    # the grid follows the slicing axis of the main viewer
+    [grid] = show.layers_of(viewer, run, "grid")
+    per_axis = grid.metadata["unireg"]["per_axis"]
+    viewer.dims.order = (0, 2, 1)
+    assert grid.data is per_axis[0]
+    viewer.dims.order = (2, 1, 0)
+    assert grid.data is per_axis[2]
+    w.spin_grid.setValue(4)
+    [grid] = show.layers_of(viewer, run, "grid")
+    assert grid.metadata["unireg"]["spacing"] == 4
+    # flicker alternates fixed / warped
+    [fl] = show.layers_of(viewer, run, "flicker")
+    first = fl.data
+    w._flicker_step()
+    assert fl.data is not first and "warped" in w.lbl_flicker.text()
+    w.show_kind("flicker", False)
+    assert not w.timer.isActive()
+    # removing the run removes its layers
+    w.remove_current_run()
+    assert not show.layers_of(viewer, run) and len(get_store(viewer)) == 0
+    assert [lay.name for lay in viewer.layers] == ["fix"]
+
+
+def test_hover_readout_in_status(make_napari_viewer):
+    from napari_unireg._napari.status import install
+
+    viewer, run = _viewer_with_run(make_napari_viewer)
+    hover = install(viewer)
+    assert install(viewer) is hover
+    got = []
+    hover.listeners.append(got.append)
+    world = run.affine[:3, :3] @ np.array([2, 3, 4]) + run.affine[:3, 3]
+    text = hover.update(world)
+    u = run.affine[:3, :3] @ run.result.disp_native[:, 2, 3, 4]
+    assert f"{u[0]:+.2f}" in text and "J=" in text
+    assert got == [text]
+    viewer.status = "Ready"
+    assert str(viewer.status).endswith(text)
+    assert hover.update((1e4, 0, 0)) == ""
+
+
+def test_metrics_widget_table(make_napari_viewer, tmp_path, qtbot):
+    from napari_unireg._napari.metrics_widget import MetricsWidget
+
+    viewer, run = _viewer_with_run(make_napari_viewer)
+    w = MetricsWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    assert w.summary.columnCount() == 2 and w.summary.horizontalHeaderItem(1).text() == "toy"
+    fake_run(get_store(viewer), model="other")
+    assert w.summary.columnCount() == 3  # the new run appears as a column
+    cells = {w.summary.item(i, 0).text(): w.summary.item(i, 2).text() for i in range(w.summary.rowCount())}
+    assert cells["Dice after (mean)"] == "0.8000" and cells["device"] == "cpu"
+    assert w.labels.item(0, 1).text() == "one"
+    text = w.copy()
+    from qtpy.QtWidgets import QApplication
+
+    assert QApplication.clipboard().text() == text and "Dice per" not in text
+    path = w.save_csv(str(tmp_path / "m.csv"))
+    assert "after other" in open(path).read()
+    w.chk_all.setChecked(False)
+    assert w.summary.columnCount() == 2
+
+
+def test_linked_views_follow_point(make_napari_viewer, qtbot):
+    from napari_unireg._napari.ortho_views import OrthoViewsWidget, get_linked_views
+
+    viewer, run = _viewer_with_run(make_napari_viewer)
+    lab = viewer.add_labels(run.fixed_seg, name="seg", affine=run.affine)
+    w = OrthoViewsWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    assert get_linked_views(viewer) is w
+    assert [v.layout_spec.name for v in w.views] == ["Sagittal", "Coronal", "Axial"]
+    assert w.views[2].side_labels() == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    # main viewer shown as an upright axial plane too
+    assert tuple(viewer.dims.order) == (2, 1, 0)
+    for v in w.views:
+        assert [lay.name for lay in v.model.layers] == ["fix", "seg", "crosshair"]
+        assert v.mirrors[id(lab)].data is lab.data  # shared, not copied
+    target = run.affine[:3, :3] @ np.array([5, 6, 7]) + run.affine[:3, 3]
+    viewer.dims.point = tuple(target)
+    for v in w.views:
+        np.testing.assert_allclose(v.model.dims.point, target)
+        np.testing.assert_allclose(v.crosshair.data[0][0][v.axis], target[v.axis])
+    # moving a view's slider moves the shared point along that view's axis only
+    sag = w.views[0]
+    sag.model.dims.set_point(0, target[0] + 4.0)
+    assert viewer.dims.point[0] == pytest.approx(target[0] + 4.0)
+    np.testing.assert_allclose(w.views[2].model.dims.point[0], target[0] + 4.0)
+    # follow-mouse shows a point without moving the main viewer
+    w.chk_follow.setChecked(True)
+    w.follow(target + 2.0)
+    assert w.views[1].model.dims.point[1] == pytest.approx(target[1] + 2.0)
+    assert viewer.dims.point[1] == pytest.approx(target[1])
+    # display properties follow the main layer; new and removed layers too
+    viewer.layers["fix"].colormap = "magma"
+    assert w.views[0].mirrors[id(viewer.layers["fix"])].colormap.name == "magma"
+    viewer.layers["fix"].visible = False
+    assert not w.views[1].mirrors[id(viewer.layers["fix"])].visible
+    viewer.layers.remove("seg")
+    assert [lay.name for lay in w.views[0].model.layers] == ["fix", "crosshair"]
+    viewer.add_image(run.fixed * 2, name="second", affine=run.affine)
+    assert [lay.name for lay in w.views[2].model.layers] == ["fix", "second", "crosshair"]
+    w.cmb_conv.setCurrentIndex(1)
+    assert w.views[2].side_labels()["left"] == "L"
+    img = w.snapshot()
+    assert img.width() > 100 and img.height() > 100
+
+
+def test_export_figures_and_displacement(make_napari_viewer, tmp_path, qtbot):
+    import nibabel as nib
+
+    from napari_unireg._napari.export_widget import ExportWidget
+
+    viewer, run = _viewer_with_run(make_napari_viewer)
+    w = ExportWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.spin_dpi.setValue(50)
+    paths = w.export_figures(str(tmp_path))
+    assert len(paths) == 3 and all(p.exists() and p.stat().st_size > 1000 for p in paths)
+    p = w.export_displacement(str(tmp_path / "d.nii.gz"), "itk")
+    assert nib.load(str(p)).shape == (*SHAPE, 1, 3)
+    snap = w.export_snapshot(str(tmp_path / "snap.png"))
+    assert snap.exists() and snap.stat().st_size > 1000

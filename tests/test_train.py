@@ -1,0 +1,426 @@
+"""Training module: config, data/pair sampling, augmentation/synthesis, one step, exact resume, DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import smooth_blob_volume
+from napari_unireg.errors import UserError
+from napari_unireg.train import config as tc
+from napari_unireg.train.data import PairBatchSampler, PairPlan, discover, subject_id
+
+TINY = {"enc_channels": [4, 4, 4], "dec_channels": [4, 4, 4]}
+SHAPE = (16, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+def _write_dataset(root: Path, n: int = 4, shape=SHAPE, labels: bool = True) -> Path:
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    items = []
+    for i in range(n):
+        v = smooth_blob_volume(shape, seed=i)
+        blocks = np.random.default_rng(i).integers(0, 3, size=[n_ // 4 for n_ in shape])
+        lab = np.kron(blocks, np.ones((4, 4, 4), dtype=np.int64)).astype(np.uint8)  # piecewise constant
+        v[v < 0.1] = 0
+        name = f"T_{i + 1:04d}_0000.nii.gz"
+        nib.save(nib.Nifti1Image(v, np.eye(4)), root / "imagesTr" / name)
+        item = {"image": f"./imagesTr/{name}"}
+        if labels:
+            nib.save(nib.Nifti1Image(lab, np.eye(4)), root / "labelsTr" / name)
+            item["label"] = f"./labelsTr/{name}"
+        items.append(item)
+    meta = {"training": items, "registration_val": [{"fixed": items[0]["image"], "moving": items[1]["image"]}]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root / "dataset.json"
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return _write_dataset(tmp_path / "ds")
+
+
+def _cfg(ds: Path, *extra: str, model: str = "dp-conv-c"):
+    return tc.load_config(
+        None,
+        [
+            ("model", model),
+            ("model_config", dict(TINY)),
+            ("data.source", str(ds)),
+            ("data.grid_shape", list(SHAPE)),
+            ("data.num_workers", 0),
+            ("device", "cpu"),
+            ("threads", 1),
+            ("optim.pairs_per_epoch", 2),
+            ("val.every_epochs", 0),
+            ("log.progress", False),
+            *extra,
+        ],
+    )
+
+
+def _weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_default_yaml_matches_dataclass_defaults():
+    assert tc.config_diff(tc.load_config(), tc.Config()) == []
+
+
+def test_overrides_types_and_unknown_keys():
+    cfg = tc.load_config(None, ["optim.lr=1e-4", "augment.enabled=true", "synth.label_maps=[/a, /b]", "steps=12"])
+    assert cfg.optim.lr == pytest.approx(1e-4) and cfg.augment.enabled is True
+    assert cfg.synth.label_maps == ["/a", "/b"] and cfg.steps == 12
+    with pytest.raises(UserError, match="unknown key 'optim.lrr'"):
+        tc.load_config(None, ["optim.lrr=1"])
+    with pytest.raises(UserError, match="optim.lr must be a number"):
+        tc.load_config(None, ["optim.lr=fast"])
+    with pytest.raises(UserError, match="key=value"):
+        tc.parse_override("optim.lr")
+
+
+def test_config_yaml_roundtrip(tmp_path):
+    cfg = tc.load_config(None, ["optim.lr=3e-4", "data.resolution=half"])
+    tc.save_config(cfg, tmp_path / "c.yaml")
+    assert tc.config_diff(tc.load_config(tmp_path / "c.yaml"), cfg) == []
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_subject_id():
+    assert subject_id("/x/UNIREG_0001_0000.nii.gz") == "0001"
+    assert subject_id("LUMIRMRI_3455_0000.nii.gz") == "3455"
+    assert subject_id("brain_a.nii") == "brain_a"
+
+
+def test_pair_plan_excludes_validation_pairs_and_is_deterministic():
+    excluded = {frozenset((0, 1)), frozenset((2, 3))}
+    plan = PairPlan(5, excluded, seed=3)
+    pairs = [plan(i) for i in range(400)]
+    assert all(p.a != p.b for p in pairs)
+    assert not any(frozenset((p.a, p.b)) in excluded for p in pairs)
+    # each pass of 5 pairs visits every moving image once (shuffled pass, §9)
+    for k in range(0, 400, 5):
+        assert sorted(p.a for p in pairs[k : k + 5]) == [0, 1, 2, 3, 4]
+    assert [plan(i) for i in range(50)] == [PairPlan(5, excluded, seed=3)(i) for i in range(50)]
+    assert [plan(i) for i in range(50)] != [PairPlan(5, excluded, seed=4)(i) for i in range(50)]
+
+
+def test_pair_plan_synthetic_fraction():
+    plan = PairPlan(4, set(), seed=0, synth_prob=0.5, n_maps=3, same_map_prob=0.0)
+    specs = [plan(i) for i in range(400)]
+    synth = [s for s in specs if s.kind == "synth"]
+    assert 150 < len(synth) < 250
+    assert all(s.a != s.b and 0 <= s.a < 3 and 0 <= s.b < 3 for s in synth)
+
+
+def test_batch_sampler_splits_ranks_and_resumes():
+    r0, r1 = iter(PairBatchSampler(0, 2, 0, 2)), iter(PairBatchSampler(0, 2, 1, 2))
+    a = [i for _ in range(3) for i in next(r0)]
+    b = [i for _ in range(3) for i in next(r1)]
+    assert not set(a) & set(b) and sorted(a + b) == list(range(12))
+    again = iter(PairBatchSampler(1, 2, 0, 2))
+    assert next(again) == a[2:4]
+
+
+def test_discover_dataset_json_and_val_pairs(dataset):
+    tset = discover(tc.DataConfig(source=str(dataset)))
+    assert len(tset.entries) == 4 and all(e.label for e in tset.entries)
+    assert [(f.id, m.id) for f, m in tset.val_pairs] == [("0001", "0002")]
+    assert tset.excluded == {frozenset((0, 1))}
+    strict = discover(tc.DataConfig(source=str(dataset), exclude_val_subjects=True))
+    assert [e.id for e in strict.entries] == ["0003", "0004"] and strict.dropped == ["0001", "0002"]
+
+
+def test_discover_folder_with_csv_pairs(dataset, tmp_path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("fixed,moving\n0003,0004\n")
+    tset = discover(tc.DataConfig(source=str(dataset.parent / "imagesTr"), labels=str(dataset.parent / "labelsTr"),
+                                  val_pairs=str(csv)))
+    assert len(tset.entries) == 4 and tset.entries[2].label.endswith("T_0003_0000.nii.gz")
+    assert tset.excluded == {frozenset((2, 3))}
+
+
+def test_missing_files_and_bad_dataset_raise_user_errors(dataset, tmp_path):
+    (dataset.parent / "labelsTr" / "T_0002_0000.nii.gz").unlink()
+    with pytest.raises(UserError, match="missing.*T_0002_0000"):
+        discover(tc.DataConfig(source=str(dataset)))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x"}))
+    with pytest.raises(UserError, match="no 'training' list"):
+        discover(tc.DataConfig(source=str(bad)))
+    with pytest.raises(UserError, match="not found"):
+        discover(tc.DataConfig(source=str(tmp_path / "nope.json")))
+    csv = tmp_path / "p.csv"
+    csv.write_text("0001,9999\n")
+    with pytest.raises(UserError, match="9999"):
+        discover(tc.DataConfig(source=str(dataset.parent / "imagesTr"), val_pairs=str(csv)))
+
+
+def test_pair_dataset_half_resolution(dataset):
+    from napari_unireg.train.data import PairDataset, VolumeLoader
+
+    cfg = _cfg(dataset, ("data.resolution", "half"))
+    tset = discover(cfg.data)
+    ds = PairDataset(tset, cfg, PairPlan(4, tset.excluded), VolumeLoader(SHAPE, 2, cache_size=2), want_labels=True)
+    item = ds[0]
+    assert item["moving"].shape == (1, 8, 8, 8) and item["moving_label"].shape == (1, 8, 8, 8)
+    from napari_unireg.preprocess import normalize_intensity
+
+    full = normalize_intensity(nib.load(tset.entries[ds.plan(0).a].image).get_fdata(dtype=np.float32))
+    expected = full.reshape(8, 2, 8, 2, 8, 2).mean(axis=(1, 3, 5))
+    assert np.allclose(item["moving"][0].numpy(), expected, atol=1e-6)
+    assert len(ds.loader._cache) <= 2
+
+
+# ----------------------------------------------------------------------------------------------- augment / synth
+def test_augment_pair_deterministic_and_background_kept():
+    from napari_unireg.train.augment import augment_pair
+
+    from scipy.ndimage import binary_dilation
+
+    img = smooth_blob_volume(SHAPE, 1) * 0.8 + 0.2
+    grid = np.indices(SHAPE) - 7.5
+    img[(grid**2).sum(0) > 36] = 0  # a "brain" ball, background 0 like skull-stripped data
+    cfg = tc.AugmentConfig(enabled=True, affine_prob=1, deform_prob=1, bias_prob=1, gamma_prob=1, noise_prob=1)
+    pair = {"moving": img, "fixed": img, "moving_label": (img > 0).astype(np.int64), "fixed_label": None}
+    a = augment_pair(pair, np.random.default_rng(5), cfg)
+    b = augment_pair(pair, np.random.default_rng(5), cfg)
+    assert np.array_equal(a["moving"], b["moving"]) and np.array_equal(a["moving_label"], b["moving_label"])
+    assert not np.allclose(a["moving"], img) and not np.allclose(a["moving"], a["fixed"])
+    assert a["moving"].min() >= 0 and a["moving"].max() <= 1
+    # bias and noise stay inside the brain: the background is exactly 0 away from the (warped) brain
+    outside = ~binary_dilation(a["moving_label"] > 0, np.ones((3, 3, 3)), iterations=2)
+    assert outside.mean() > 0.2 and np.all(a["moving"][outside] == 0)
+
+
+def test_synthesize_pair():
+    from napari_unireg.train.synth import synthesize_pair
+
+    lab = np.zeros(SHAPE, dtype=np.int16)
+    lab[3:13, 3:13, 3:13] = 2  # white matter
+    lab[5:11, 5:11, 5:11] = 3  # cortex
+    lab[7:9, 7:9, 7:9] = 4  # ventricle
+    lab[0:2] = 502  # extra-cerebral: painted 0
+    cfg = tc.SynthConfig(prob=1.0, contrast="t1")
+    out = synthesize_pair(lab, lab, np.random.default_rng(0), cfg)
+    again = synthesize_pair(lab, lab, np.random.default_rng(0), cfg)
+    assert np.array_equal(out["moving"], again["moving"])
+    for side in ("moving", "fixed"):
+        img, l = out[side], out[f"{side}_label"]
+        assert img.shape == SHAPE and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
+        assert np.all(img[l == 0] == 0) and img[l > 0].mean() > 0.1
+        assert set(np.unique(l)) <= {0, 1, 2, 3}
+    assert not np.allclose(out["moving"], out["fixed"])
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def test_one_step_decreases_the_loss_on_a_fixed_pair():
+    from napari_unireg.losses import registration_loss
+    from napari_unireg.models.registry import build_model
+    from napari_unireg.train.loop import train_step
+
+    torch.manual_seed(0)
+    model = build_model("dp-conv-c", **TINY)
+    fixed = torch.from_numpy(smooth_blob_volume(SHAPE, 0))[None, None]
+    moving = torch.roll(fixed, shifts=1, dims=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+
+    def loss():
+        with torch.no_grad():
+            return float(registration_loss(fixed, moving, model(moving, fixed), 1.0))
+
+    before = loss()
+    terms = train_step(model, opt, moving, fixed)
+    assert terms["loss"] == pytest.approx(before, rel=1e-5)
+    assert loss() < before
+
+
+def test_plan_steps_directions_and_epochs(dataset):
+    from napari_unireg.train.loop import plan_steps
+
+    cfg = _cfg(dataset, ("optim.epochs", 10), ("optim.pairs_per_epoch", 4), ("val.every_epochs", 5))
+    p = plan_steps(cfg, symmetric=False)
+    assert (p.bidir, p.steps_per_pair, p.pairs_per_step, p.total_steps, p.val_every) == (True, 2, 1, 40, 20)
+    q = plan_steps(cfg, symmetric=True, world=2)
+    assert (q.bidir, q.steps_per_pair, q.pairs_per_step, q.total_steps) == (False, 1, 4, 10)
+
+
+def test_symmetric_step_for_inverse_consistent_model(dataset, tmp_path):
+    from napari_unireg.train.loop import train
+
+    cfg = _cfg(dataset, ("steps", 2), model="dp-convic-c")
+    res = train(cfg, tmp_path / "ic")
+    rows = (tmp_path / "ic" / "log.csv").read_text().splitlines()
+    assert res.step == 2 and len(rows) == 3
+    card = json.loads((tmp_path / "ic" / "final.json").read_text())
+    assert card["training"]["directions"] == "symmetric" and card["training"]["directed_pairs"] == 4
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def _run(ds, out, steps, *, crash_at=None, resume=False, workers=0, ckpt_every=3):
+    from napari_unireg.train.loop import train
+
+    cfg = _cfg(ds, ("steps", steps), ("data.num_workers", workers), ("log.checkpoint_every", ckpt_every),
+               ("augment.enabled", True))
+
+    def on_step(step, terms):
+        if crash_at is not None and step == crash_at:
+            raise RuntimeError("simulated crash")
+
+    return train(cfg, out, resume=resume, on_step=on_step)
+
+
+def test_resume_after_crash_reproduces_the_uninterrupted_run(dataset, tmp_path):
+    ref = _run(dataset, tmp_path / "ref", 6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(dataset, tmp_path / "run", 6, crash_at=5, workers=1)  # last checkpoint: step 3 (mid pair)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["step"] == 3
+    res = _run(dataset, tmp_path / "run", 6, resume=True, workers=1)
+    assert res.step == 6
+    assert _weights_equal(ref.model.state_dict(), res.model.state_dict())
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    ref_loss = (tmp_path / "ref" / "log.csv").read_text().splitlines()[-1].split(",")[2]
+    assert (tmp_path / "run" / "log.csv").read_text().splitlines()[-1].split(",")[2] == ref_loss
+
+
+def test_stop_request_then_resume_to_more_steps(dataset, tmp_path):
+    from napari_unireg.train.loop import train
+
+    ref = _run(dataset, tmp_path / "ref", 4)
+    cfg = _cfg(dataset, ("steps", 4), ("log.checkpoint_every", 100), ("augment.enabled", True))
+    calls = []
+    res = train(cfg, tmp_path / "run", should_stop=lambda: calls.append(1) or len(calls) >= 2)
+    assert res.interrupted and res.step == 2 and not (tmp_path / "run" / "final.safetensors").exists()
+    res = _run(dataset, tmp_path / "run", 4, resume=True, ckpt_every=100)
+    assert _weights_equal(ref.model.state_dict(), res.model.state_dict())
+
+
+def test_existing_run_needs_resume_and_bad_checkpoints_fail_clearly(dataset, tmp_path):
+    from napari_unireg.train.loop import train
+
+    out = tmp_path / "run"
+    _run(dataset, out, 2)
+    with pytest.raises(UserError, match="--resume"):
+        train(_cfg(dataset, ("steps", 2)), out)
+    # a changed architecture is refused
+    with pytest.raises(UserError, match="differs from the saved run in model_config"):
+        train(_cfg(dataset, ("steps", 4), ("augment.enabled", True),
+                   ("model_config", {"enc_channels": [4, 4, 8], "dec_channels": [4, 4, 4]})), out, resume=True)
+    # tensors that do not fit
+    state = torch.load(out / "last.pt", weights_only=True)
+    key = next(iter(state["model"]))
+    state["model"][key] = torch.zeros(7)
+    torch.save(state, out / "last.pt")
+    with pytest.raises(UserError, match="does not fit the model"):
+        _run(dataset, out, 4, resume=True)
+    # a corrupt file
+    (out / "last.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="corrupt"):
+        _run(dataset, out, 4, resume=True)
+
+
+def test_checkpoint_holds_only_safe_types(dataset, tmp_path):
+    _run(dataset, tmp_path / "run", 2)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)  # would raise on pickled objects
+    assert state["format"].startswith("napari-unireg-train-state") and state["model_name"] == "dp-conv-c"
+    assert {"torch", "numpy", "python"} <= set(state["rng"])
+
+
+# ----------------------------------------------------------------------------------------------- export / init / CLI
+def test_cli_run_writes_card_and_init_encoder(dataset, tmp_path):
+    from napari_unireg.cli import build_parser
+    from napari_unireg.models.registry import build_model
+    from napari_unireg.train.checkpointing import init_from
+
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text(json.dumps({"model_config": TINY, "data": {"grid_shape": list(SHAPE), "num_workers": 0},
+                                   "optim": {"pairs_per_epoch": 2}, "val": {"every_epochs": 1}}))
+    out = tmp_path / "run"
+    args = build_parser().parse_args(
+        ["train", "--config", str(cfgfile), "--data", str(dataset), "--out", str(out), "--steps", "2",
+         "--device", "cpu", "--threads", "1", "--quiet", "--set", "export.name=conv-c-tiny"])
+    assert args.func(args) == 0
+    card = json.loads((out / "conv-c-tiny.json").read_text())
+    assert card["architecture"] == "dp-conv-c" and card["resolution"] == "full"
+    assert card["metrics"]["dice"] is not None and card["metrics"]["sdlogj"] is not None
+    t = card["training"]
+    assert t["steps"] == 2 and t["seed"] == 0 and t["config"]["optim"]["lr"] == pytest.approx(1e-3)
+    assert "unireg" in t["command"] and t["hardware"]["cpu"] and t["wall_time_s"] >= 0
+    assert t["data"]["val_pairs"] == [["0001", "0002"]] and t["data"]["excluded_training_pairs"] == 1
+    assert "(best" not in (out / "config.yaml").read_text()
+
+    # --init-encoder: the encoder of the trained model, decoder tensors that fit
+    other = build_model("dp-conv-mf", **TINY)
+    info = init_from(other, str(out / "conv-c-tiny.safetensors"))
+    trained = torch.load(out / "last.pt", weights_only=True)["model"]
+    enc = [k for k in other.state_dict() if k.startswith("encoder.")]
+    assert info["encoder_tensors"] == len(enc) > 0
+    assert all(torch.allclose(other.state_dict()[k], trained[k].float(), atol=1e-3) for k in enc)
+    with pytest.raises(UserError, match="compatible encoder"):
+        init_from(build_model("dp-conv-c", enc_channels=[8, 8, 8], dec_channels=[4, 4, 4]),
+                  str(out / "conv-c-tiny.safetensors"))
+
+
+def test_cli_print_config_and_user_error(dataset, tmp_path, capsys):
+    from napari_unireg.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "x"), "--data", str(dataset), "--print-config",
+                 "--set", "optim.lr=2e-4"]) == 0
+    assert "lr: 0.0002" in capsys.readouterr().out
+    assert main(["train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "missing.json")]) == 2
+    assert "training data not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, ds: str, out: str, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    from napari_unireg.train.loop import train
+
+    seen = []
+    res = train(_cfg(Path(ds), ("steps", 3), ("seed", 0)), out, on_step=lambda s, t: seen.append(t["loss"]))
+    torch.save({"model": res.model.state_dict(), "losses": seen}, Path(result_dir) / f"rank{rank}.pt")
+
+
+def test_ddp_two_cpu_processes_hold_identical_weights(dataset, tmp_path):
+    import torch.multiprocessing as mp
+
+    res_dir = tmp_path / "res"
+    res_dir.mkdir()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(dataset), str(tmp_path / "run"), str(res_dir)), nprocs=2,
+             join=True)
+    r0 = torch.load(res_dir / "rank0.pt", weights_only=True)
+    r1 = torch.load(res_dir / "rank1.pt", weights_only=True)
+    assert _weights_equal(r0["model"], r1["model"])
+    assert r0["losses"] != r1["losses"]  # the ranks trained on different pairs
+    card = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert card["training"]["hardware"]["world_size"] == 2 and card["training"]["directed_pairs"] == 6
+
+
+# ----------------------------------------------------------------------------------------------- real data (skips)
+def test_development_data_plan(shared_data):
+    tset = discover(tc.DataConfig(source=str(shared_data / "dataset.json")),
+                    tc.SynthConfig(prob=0.3, label_maps=[str(shared_data / "synthseg_labels")]))
+    assert len(tset.entries) == 14 and len(tset.val_pairs) == 6 and len(tset.excluded) == 6
+    assert len(tset.label_maps) == 20
+    plan = PairPlan(len(tset.entries), tset.excluded, 0, 0.3, len(tset.label_maps))
+    real = [plan(i) for i in range(2000)]
+    val = {frozenset((f.id, m.id)) for f, m in tset.val_pairs}
+    assert not any(frozenset((tset.entries[p.a].id, tset.entries[p.b].id)) in val for p in real if p.kind == "real")
