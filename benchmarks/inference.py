@@ -1,7 +1,8 @@
 """Inference speed and memory of the registration networks.
 
 Prints, per model, the seconds per registration of one pair at full (160×224×192) and half (80×112×96) size and
-the peak resident memory of a fresh process (each measurement runs in its own subprocess, so peaks do not mix),
+the peak resident memory of a fresh process, the process CPU time and the 1-minute load average (the
+timings are only comparable on an otherwise idle machine) (each measurement runs in its own subprocess, so peaks do not mix),
 on CPU with the stated thread count, and on CUDA (peak GPU memory) when available.
 
     python benchmarks/inference.py                                  # the six DP variants, half + full, CPU
@@ -70,13 +71,14 @@ def child(name: str, size: str, device: str, threads: int, repeats: int, head_st
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = model(moving, fixed)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         disp_max = float(out.disp.abs().max())
     res = {
         "model": name,
@@ -84,6 +86,8 @@ def child(name: str, size: str, device: str, threads: int, repeats: int, head_st
         "device": device,
         "threads": torch.get_num_threads(),
         "seconds": min(times),
+        "cpu_seconds": min(cpu),
+        "load_avg": os.getloadavg()[0],
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "max_disp_vox": disp_max,
         "weights": weights,
@@ -112,7 +116,8 @@ def main(argv=None) -> None:
         print(json.dumps(child(args.models[0], args.sizes[0], device, args.threads, args.repeats, args.head_std)))
         return
     print(f"# cpu cores visible: {os.cpu_count()}, threads requested: {args.threads or 'torch default'}, device {device}")
-    print(f"{'model':<14} {'size':<5} {'thr':>3} {'s/pair':>8} {'peak RSS GB':>11} {'peak GPU GB':>11}  weights")
+    print(f"{'model':<14} {'size':<5} {'thr':>3} {'s/pair':>8} {'cpu s':>7} {'peak RSS GB':>11} {'peak GPU GB':>11} "
+          f"{'load':>5}  weights")
     for size in args.sizes:
         for name in args.models:
             cmd = [sys.executable, __file__, "--child", "--models", name, "--sizes", size, "--device", device,
@@ -123,8 +128,9 @@ def main(argv=None) -> None:
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             gpu = f"{r['peak_gpu_gb']:.2f}" if "peak_gpu_gb" in r else "-"
-            print(f"{name:<14} {size:<5} {r['threads']:>3} {r['seconds']:>8.2f} {r['peak_rss_gb']:>11.2f} {gpu:>11}  "
-                  f"{r['weights']}, max|u| {r['max_disp_vox']:.1f} vox", flush=True)
+            print(f"{name:<14} {size:<5} {r['threads']:>3} {r['seconds']:>8.2f} {r['cpu_seconds']:>7.1f} "
+                  f"{r['peak_rss_gb']:>11.2f} {gpu:>11} {r['load_avg']:>5.1f}  {r['weights']}, "
+                  f"max|u| {r['max_disp_vox']:.1f} vox", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", choices=["auto", "full", "half"], default="auto",
                    help="network input resolution; auto = the resolution the model was trained at")
     p.add_argument("--io-steps", type=int, default=0, help="instance-optimisation refinement steps after the network")
+    p.add_argument("--grid", type=int, nargs=3, default=(160, 224, 192), metavar=("X", "Y", "Z"),
+                   help="model grid in 1 mm voxels (default: the Learn2Reg box 160 224 192)")
     p.add_argument("--out", default="unireg_out", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -57,10 +57,11 @@ def write_slice_pngs(fixed, moving, result, fixed_seg, moving_seg, out: Path, ov
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from .viz import comparison_figure, save_figure
+    from .viz import comparison_figure, default_slice_index, save_figure
 
     paths = []
     for axis in (0, 1, 2):
+        index = default_slice_index(fixed.shape, axis, fixed.spacing)
         fig = comparison_figure(
             fixed.data,
             moving,
@@ -68,11 +69,12 @@ def write_slice_pngs(fixed, moving, result, fixed_seg, moving_seg, out: Path, ov
             fixed_seg=None if fixed_seg is None else fixed_seg.data,
             moving_seg=moving_seg,
             axis=axis,
+            slice_index=index,
             spacing=fixed.spacing,
             fixed_id="demo-fixed",
             moving_id="demo-moving",
         )
-        paths.extend(save_figure(fig, out, "demo-fixed", "demo-moving", axis, None, fixed.shape[axis],
+        paths.extend(save_figure(fig, out, "demo-fixed", "demo-moving", axis, index, fixed.shape[axis],
                                  formats=("png",), dpi=80, overwrite=overwrite))
     return paths
 

@@ -32,7 +32,12 @@ DEMO_LABELS = {
 
 @dataclass
 class DemoPair:
-    """Arrays in the box (RAS voxel order) plus the ground-truth displacement (voxel units, pull)."""
+    """Arrays in the box (RAS voxel order) plus the ground-truth registration field.
+
+    ``true_disp`` is what a perfect registration returns (voxel units, pull, fixed→moving):
+    ``fixed(p) ≈ moving(p + true_disp(p))``. The moving image was made with the inverse map
+    ``moving(p) = fixed(p + t(p))``, so ``true_disp`` is the numerical inverse of ``t``.
+    """
 
     fixed: np.ndarray
     moving: np.ndarray
@@ -138,7 +143,18 @@ def make_demo_pair(seed: int = 0) -> DemoPair:
     moving = np.where(brain, (np.clip(moving, 0, 1) ** 0.85) * bias, 0.0)
     moving += np.where(brain, rng.normal(0, 0.015, shape), 0.0)
     moving = np.clip(moving / np.percentile(moving[brain], 99.5), 0, 1).astype(np.float32)
-    return DemoPair(fixed, moving, fixed_seg, moving_seg, disp.astype(np.float32), BOX_AFFINE.copy())
+    return DemoPair(fixed, moving, fixed_seg, moving_seg, _inverse(disp), BOX_AFFINE.copy())
+
+
+def _inverse(disp: np.ndarray) -> np.ndarray:
+    """Inverse of a smooth displacement by the fixed-point solver of :mod:`napari_unireg.inversion`."""
+    import torch
+
+    from .inversion import invert_displacement
+
+    with torch.no_grad():
+        inv = invert_displacement(torch.from_numpy(disp)[None], max_iter=100, tol=1e-3)
+    return inv[0].numpy().astype(np.float32)
 
 
 def write_demo_pair(out_dir, seed: int = 0) -> dict[str, str]:

@@ -95,6 +95,7 @@ def options_from_args(args) -> RegisterOptions:
         prealign=getattr(args, "prealign", "affine"),
         resolution=getattr(args, "resolution", "auto"),
         io_steps=int(getattr(args, "io_steps", 0) or 0),
+        grid_shape=tuple(int(v) for v in getattr(args, "grid", (160, 224, 192))),
     )
 
 

@@ -69,6 +69,8 @@ def instance_optimise(
     shape = tuple(fixed.shape[2:])
     if factors is None:
         factors = (2,) if init_disp is not None else (4, 2)
+    # The 9³ similarity window needs a few windows per axis: drop levels that would be too coarse.
+    factors = [f for f in factors if min(shape) // f >= 16] or [1]
     full = init_disp if init_disp is not None else torch.zeros(1, 3, *shape, device=fixed.device, dtype=fixed.dtype)
     correction = None
     n_levels = len(factors)

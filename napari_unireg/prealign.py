@@ -31,6 +31,8 @@ from .preprocess import normalize_intensity, resample_affine
 __all__ = ["AffineResult", "affine_prealign", "mask_overlap"]
 
 MIN_OVERLAP = 0.5
+LR_LIN = 1e-2  # Adam step of the linear part at 4 mm (scaled with the level spacing)
+LR_TRANS = 1.0  # Adam step of the translation (mm) at 2 mm (scaled with the level spacing)
 
 
 @dataclass
@@ -309,7 +311,7 @@ def affine_prealign(
         m_shape = tuple(m_l.shape)
         inv_lin, inv_off = inv_m[:3, :3], inv_m[:3, 3]
         # Translation in mm and the linear part (dimensionless) need different step sizes.
-        opt = _Adam([(lin, 4e-3 * spacing / 4.0), (trans, 0.5 * spacing / 2.0)], n_iter)
+        opt = _Adam([(lin, LR_LIN * spacing / 4.0), (trans, LR_TRANS * spacing / 2.0)], n_iter)
         for it in range(n_iter):
             if should_stop is not None and it % 10 == 0 and should_stop():
                 raise InterruptedError("pre-alignment cancelled")

@@ -311,3 +311,43 @@ def test_subject_id():
     assert subject_id("/x/UNIREG_0001_0000.nii.gz") == "0001"
     assert subject_id("LUMIRMRI_3455_0000.nii") == "3455"
     assert subject_id("demo_fixed.nii.gz") == "demo_fixed"
+
+
+def test_cli_figure_with_models_calls_the_engine(pair, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import napari_unireg.engine as engine
+    from napari_unireg.cli import main
+
+    files, methods = _write_case(tmp_path, pair)
+    calls = []
+
+    def fake_register(fixed, moving, fixed_seg=None, moving_seg=None, *, options=None, **kw):
+        calls.append((options.model, options.device, fixed.shape, moving_seg is not None))
+        return SimpleNamespace(model_name=f"net-{options.model}", disp_native=methods["m0"])
+
+    monkeypatch.setattr(engine, "register_volumes", fake_register)
+    out = tmp_path / "figs"
+    argv = ["figure", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
+            "--moving-seg", str(files["moving_seg"]), "--models", "a,b", "--device", "cpu",
+            "--axis", "1", "--dpi", "20", "--out", str(out)]
+    assert main(argv) == 0
+    assert calls == [("a", "cpu", SHAPE, True), ("b", "cpu", SHAPE, True)]
+    assert [p.name for p in out.iterdir()] == [f"f0001_m0002_axis1_slc{SHAPE[1] // 2 + 1:03d}of{SHAPE[1]}.png"]
+
+
+def test_moving_on_another_grid_is_resampled_by_world_coordinates():
+    from napari_unireg.io import volume_from_array
+    from napari_unireg.viz.cli import on_fixed_grid
+
+    img, lab = _blob((12, 14, 10))
+    fixed = volume_from_array(img, np.eye(4), kind="image")
+    shifted = np.eye(4)
+    shifted[0, 3] = 2.0  # moving voxel i sits at world x = i + 2
+    moving = volume_from_array(img, shifted, kind="image")
+    out = on_fixed_grid(moving, fixed, order=1)
+    np.testing.assert_allclose(out[2:], img[:-2], atol=1e-6)  # fixed voxel p sees moving voxel p − 2
+    assert np.all(out[:2] == 0)
+    assert on_fixed_grid(fixed, fixed, order=1) is fixed.data
+    seg = volume_from_array(lab, shifted, kind="label")
+    assert on_fixed_grid(seg, fixed, order=0).dtype == seg.data.dtype

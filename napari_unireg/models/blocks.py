@@ -68,3 +68,23 @@ def instance_norm_(x: torch.Tensor, norm: nn.InstanceNorm3d) -> torch.Tensor:
     if norm.bias is not None:
         shift = shift + norm.bias.view(1, -1, 1, 1, 1)
     return torch.addcmul(shift, x, scale, out=x)  # one pass, in place
+
+
+class FlowHead(nn.Conv3d):
+    """Output conv ``Conv3d(C→3, 3³, pad 1)`` with weights ``N(0, σ=1e-5)`` and zero bias (§4 init quirk)."""
+
+    def __init__(self, in_ch: int, out_ch: int = 3, std: float = 1e-5) -> None:
+        super().__init__(in_ch, out_ch, 3, padding=1)
+        if self.weight.is_meta:  # parameter counting only: meta normal_ pulls in torch._refs (seconds)
+            return
+        nn.init.normal_(self.weight, 0.0, std)
+        nn.init.zeros_(self.bias)
+
+
+def init_kaiming_encoder(module: nn.Module, a: float = NEG_SLOPE) -> None:
+    """``kaiming_normal_(a=0.2)`` on every Conv3d of ``module`` (1×1 projections included), bias 0 (§2)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d) and not m.weight.is_meta:
+            nn.init.kaiming_normal_(m.weight, a=a)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -138,6 +138,7 @@ class ValConfig:
     """Validation on the held-out pairs."""
 
     every_epochs: float = 10.0  # 0 disables periodic validation
+    every_steps: int | None = None  # overrides every_epochs when set (0 disables)
     max_pairs: int | None = None
     metric: str = "auto"  # auto (dice when labels exist, else sim) | dice | sim
     full_resolution: bool = True  # evaluate Dice/NDV/SDlogJ on the full-resolution labels

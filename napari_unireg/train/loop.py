@@ -86,9 +86,12 @@ def plan_steps(cfg: Config, symmetric: bool, world: int = 1) -> StepPlan:
         total = int(math.ceil(o.epochs * o.pairs_per_epoch / per_step))
     if total < 1:
         raise UserError(f"steps must be at least 1, got {total}")
-    val_every = int(round(cfg.val.every_epochs * o.pairs_per_epoch / per_step)) if cfg.val.every_epochs > 0 else 0
-    if cfg.val.every_epochs > 0:
-        val_every = max(1, val_every)
+    if cfg.val.every_steps is not None:
+        val_every = max(0, int(cfg.val.every_steps))
+    elif cfg.val.every_epochs > 0:
+        val_every = max(1, int(round(cfg.val.every_epochs * o.pairs_per_epoch / per_step)))
+    else:
+        val_every = 0
     return StepPlan(symmetric, bidir, 2 if bidir else 1, per_step, total, val_every)
 
 
@@ -167,6 +170,7 @@ def train_step(
     import torch
 
     from ..losses import registration_loss
+    from ..models.output import RegistrationOutput
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -177,7 +181,7 @@ def train_step(
     inverse = out.inverse.float() if (symmetric and out.inverse is not None) else None
     if symmetric and inverse is None:
         raise UserError("loss.symmetric needs an inverse-consistent model (one that returns the inverse field)")
-    target = type("Out", (), {"disp": disp, "inverse": inverse})() if inverse is not None else disp
+    target = RegistrationOutput(disp, inverse) if inverse is not None else disp
     loss, sim, reg = registration_loss(fixed, moving, target, lam, return_terms=True)
     dl = torch.zeros((), device=moving.device)
     if dice_weight > 0 and moving_label is not None and fixed_label is not None:

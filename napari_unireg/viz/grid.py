@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..errors import UserError
 from . import panels as P
@@ -172,6 +171,10 @@ def comparison_figure(
     None → ``"Fixed: F, Moving: M, Axis: a, Slice: s/N"`` (s 1-based), a string, or False for none.
     ``style``/``**style_kw``: any :class:`FigureStyle` field (colour maps, ranges, sizes, fonts, convention,
     ``scale_bar_mm``).
+
+    Orientation: the paper's (transpose, mirror left-right, ``origin='lower'``), which for RAS arrays is the
+    radiological convention (patient's right on the image's left; sagittal: anterior on the left);
+    ``convention='neurological'`` skips the mirror. See :mod:`napari_unireg.viz.panels`.
 
     The returned figure carries ``fig.unireg_panels`` (``(row, column title) → Axes`` of the drawn panels) and
     ``fig.unireg_info`` (axis, slice_index, n, fixed_id, moving_id, rows, columns) for :func:`save_figure`.

@@ -1,0 +1,105 @@
+"""Documentation screenshots of the docked widgets and the linked views on the demo pair.
+
+Skipped unless ``UNIREG_SCREENSHOTS=1`` (it registers the full demo pair, ~2 minutes on a laptop CPU)::
+
+    UNIREG_SCREENSHOTS=1 xvfb-run -a -s "-screen 0 1920x1200x24" python -m pytest tests/test_napari_screenshots.py -q
+
+Writes ``docs/screenshots/*.png``. The registration is real (the engine's classical method, steps reduced).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+pytestmark = [
+    pytest.mark.gui,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("UNIREG_SCREENSHOTS") != "1", reason="set UNIREG_SCREENSHOTS=1 to rebuild"),
+]
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+STEPS = int(os.environ.get("UNIREG_SCREENSHOT_STEPS", "12"))
+
+
+def _save_window(viewer, name: str) -> Path:
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()
+    path = OUT / name
+    viewer.screenshot(str(path), canvas_only=False, flash=False)
+    return path
+
+
+def _save_widget(widget, name: str) -> Path:
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()
+    path = OUT / name
+    widget.grab().save(str(path))
+    return path
+
+
+def test_screenshots(make_napari_viewer, qtbot, monkeypatch):
+    import napari_unireg.engine as engine
+    from napari_unireg._napari.inspect_widget import InspectWidget
+    from napari_unireg._napari.metrics_widget import MetricsWidget
+    from napari_unireg._napari.ortho_views import OrthoViewsWidget
+    from napari_unireg._napari.register_widget import RegisterWidget
+
+    monkeypatch.setattr(engine, "CLASSICAL_STEPS", STEPS)
+    OUT.mkdir(parents=True, exist_ok=True)
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1800, 1100)
+    viewer.open_sample("napari-unireg", "demo_pair")
+    assert [lay.name for lay in viewer.layers][:2] == ["demo fixed", "demo moving"]
+
+    reg = RegisterWidget(viewer)
+    viewer.window.add_dock_widget(reg, name="Register", area="right")
+    reg.set_model("classical")
+    reg.run()
+    qtbot.waitUntil(lambda: not reg.busy, timeout=600_000)
+    run = reg.last_run
+    assert run is not None, reg.lbl_status.text()
+
+    views = OrthoViewsWidget(viewer)
+    viewer.window.add_dock_widget(views, name="Linked views", area="right")
+    centre = run.affine[:3, :3] @ np.array([80, 118, 100]) + run.affine[:3, 3]
+    views.set_point(centre)
+    viewer.layers["demo fixed labels"].visible = False
+    _save_window(viewer, "register_and_linked_views.png")
+    _save_widget(reg, "register_widget.png")
+
+    insp = InspectWidget(viewer)
+    viewer.window.add_dock_widget(insp, name="Inspect", area="right")
+    insp.show_kind("jacobian", False)
+    insp.show_kind("warped labels", False)
+    insp.show_kind("grid", True)
+    hover_at = run.affine[:3, :3] @ np.array([60, 130, 100]) + run.affine[:3, 3]
+    insp.hover.update(hover_at)
+    _save_window(viewer, "inspect_grid.png")
+    insp.show_kind("grid", False)
+    insp.show_kind("jacobian", True)
+    insp.show_kind("folding", True)
+    _save_window(viewer, "inspect_jacobian.png")
+    insp.show_kind("jacobian", False)
+    insp.show_kind("folding", False)
+    insp.show_kind("warped", False)
+    insp.show_kind("contours", True)
+    _save_window(viewer, "inspect_contours.png")
+    _save_widget(insp, "inspect_widget.png")
+    insp.show_kind("contours", False)
+    insp.show_kind("checkerboard", True)
+    _save_widget(views, "linked_views_checkerboard.png")
+
+    met = MetricsWidget(viewer)
+    viewer.window.add_dock_widget(met, name="Metrics", area="bottom")
+    _save_widget(met, "metrics_widget.png")
+    for name in ("register_and_linked_views.png", "inspect_grid.png", "metrics_widget.png"):
+        assert (OUT / name).stat().st_size > 10_000
