@@ -130,6 +130,11 @@ def _display(path: str | os.PathLike) -> str:
     return Path(path).name or str(path)
 
 
+def _oneline(exc: BaseException) -> str:
+    """An exception's message on one line (nibabel's messages can span several)."""
+    return " ".join(str(exc).split())
+
+
 def _strip_suffix(name: str) -> str:
     for suffix in (".nii.gz", ".nii", ".mgz", ".mgh", ".npz", ".npy"):
         if name.lower().endswith(suffix):
@@ -339,15 +344,15 @@ def load_volume(path: str | os.PathLike, kind: str = "auto") -> Volume:
     try:
         img = nib.load(str(path))
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
-        raise UserError(f"{label} is not a valid NIfTI file ({exc})") from None
+        raise UserError(f"{label} is not a valid NIfTI file ({_oneline(exc)})") from None
     except (OSError, EOFError, zlib.error, ValueError) as exc:
-        raise UserError(f"{label} cannot be read: corrupt or not a NIfTI file ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{label} cannot be read: corrupt or not a NIfTI file ({_oneline(exc)})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image | nib.MGHImage):
         raise UserError(f"{label} is not a NIfTI file ({type(img).__name__})")
     try:
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError, MemoryError) as exc:
-        raise UserError(f"{label}: the image data cannot be read (truncated or corrupt file: {exc})") from None
+        raise UserError(f"{label}: the image data cannot be read (truncated or corrupt file: {_oneline(exc)})") from None
     header = img.header.copy() if isinstance(img, nib.Nifti1Image | nib.Nifti2Image) else None
     vol = volume_from_array(data, img.affine, kind=kind, name=label, header=header, path=path)
     vol.name = _strip_suffix(path.name)
@@ -472,7 +477,7 @@ def load_disp_l2r(path: str | os.PathLike) -> np.ndarray:
     except UserError:
         raise
     except Exception as exc:  # corrupt archive, truncated gzip, pickled npy, ...
-        raise UserError(f"{label} cannot be read as a displacement field ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{label} cannot be read as a displacement field ({_oneline(exc)})") from None
     if data.ndim == 5 and data.shape[3] == 1:
         data = data[:, :, :, 0, :]
     if data.ndim == 5 and data.shape[0] == 1:  # B×3×X×Y×Z with B = 1
@@ -525,7 +530,7 @@ def load_disp_itk(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
-        raise UserError(f"{label} cannot be read as an ITK displacement field ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{label} cannot be read as an ITK displacement field ({_oneline(exc)})") from None
     if data.ndim == 5 and data.shape[3] == 1:
         data = data[:, :, :, 0, :]
     if data.ndim != 4 or data.shape[-1] != 3:

@@ -424,3 +424,15 @@ def test_development_data_plan(shared_data):
     real = [plan(i) for i in range(2000)]
     val = {frozenset((f.id, m.id)) for f, m in tset.val_pairs}
     assert not any(frozenset((tset.entries[p.a].id, tset.entries[p.b].id)) in val for p in real if p.kind == "real")
+
+
+def test_learning_rate_warmup_and_schedule_in_the_log(dataset, tmp_path):
+    from napari_unireg.train.loop import train
+
+    train(_cfg(dataset, ("steps", 3), ("optim.warmup_steps", 2), ("optim.pairs_per_epoch", 1),
+               ("optim.T_0", 2), ("optim.T_mult", 1)), tmp_path / "run")
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]
+    lrs = [float(r.split(",")[6]) for r in rows]
+    # step 1: warm-up 1/2 of 1e-3; step 2: cosine at epoch 1 of T_0 = 2 (the midpoint); step 3: restart
+    mid = 1e-5 + (1e-3 - 1e-5) * 0.5
+    assert lrs == pytest.approx([0.5e-3, mid, 1e-3], rel=1e-4)

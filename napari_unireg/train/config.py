@@ -131,6 +131,7 @@ class OptimConfig:
     pairs_per_epoch: int = 100  # one "epoch" = this many directed pairs (§9)
     directions: str = "auto"  # auto | bidir (two steps per pair) | single
     grad_clip: float | None = None
+    warmup_steps: int = 0  # linear learning-rate warm-up (0 = none, as the paper); helps short runs
 
 
 @dataclass

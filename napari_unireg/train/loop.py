@@ -112,6 +112,21 @@ def _amp_dtype(amp: str, device: Any):
     raise UserError(f"amp must be none, bf16, fp16 or auto, not {amp!r}")
 
 
+def _apply_warmup(optimizer: Any, cfg: Config, next_step: int) -> None:
+    """Scale the learning rate of the coming step by ``min(1, (next_step + 1) / warmup_steps)``.
+
+    The cosine schedule recomputes its value from the base rate at every step, so the factor never compounds;
+    with the constant schedule the rate is set from ``optim.lr`` directly.
+    """
+    w = cfg.optim.warmup_steps
+    if cfg.optim.schedule == "constant":
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.optim.lr * (min(1.0, (next_step + 1) / w) if w > 0 else 1.0)
+    elif w > 0 and next_step < w:
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * (next_step + 1) / w
+
+
 def _validate_cfg(cfg: Config) -> None:
     if cfg.data.resolution not in ("full", "half"):
         raise UserError(f"data.resolution must be full or half, not {cfg.data.resolution!r}")
@@ -501,8 +516,10 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
         history = list(state.get("history") or [])
         elapsed0 = float(state.get("elapsed", 0.0))
         init_info = state.get("init")
-    elif cfg.init_encoder:
-        init_info = ckpt.init_from(model, cfg.init_encoder, decoder=cfg.init_decoder)
+    else:
+        if cfg.init_encoder:
+            init_info = ckpt.init_from(model, cfg.init_encoder, decoder=cfg.init_decoder)
+        _apply_warmup(optimizer, cfg, 0)
 
     if dist.is_main:
         save_config(cfg, out / "config.yaml", header=f"napari-unireg training run\ncommand: {command}" if command else "")
@@ -605,6 +622,7 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
                         if scheduler is not None:  # §9: after each step, with the position before it
                             scheduler.step(step * plan.pairs_per_step / ppe)
                         step += 1
+                        _apply_warmup(optimizer, cfg, step)
                         row = {"step": step, "epoch": plan.epoch(step, ppe), **terms, "lr": lr,
                                "seconds": time.perf_counter() - t0 + data_s, "data_seconds": data_s,
                                "elapsed": elapsed0 + time.perf_counter() - t_start,
