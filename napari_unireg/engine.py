@@ -230,7 +230,11 @@ def register_volumes(
         from .prealign import affine_prealign
 
         report("prealign", 0.0)
-        result = affine_prealign(fixed.data, moving.data, fixed.affine, moving.affine, should_stop=should_stop)
+        try:
+            result = affine_prealign(fixed.data, moving.data, fixed.affine, moving.affine, should_stop=should_stop,
+                                     progress=lambda f: report("prealign", f))
+        except InterruptedError:
+            raise Cancelled() from None
         matrix = np.asarray(result.matrix, dtype=np.float64)
     moving_m = mapping.resample_to_model(moving, matrix)
     if not is_normalized(moving_m):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spatial import warp
+from .models.fastops import warp  # same result as spatial.warp, cheaper grid construction
 
 __all__ = ["AndersonOptions", "anderson_solve", "invert_displacement", "inversion_residual"]
 
@@ -99,7 +99,9 @@ def anderson_solve(
 
 
 def _fixed_point_map(a: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda v: -warp(a, v)
+    """``v ↦ −a(p + v(p))``; ``−a`` is formed once, not negated at every iteration."""
+    neg = -a
+    return lambda v: warp(neg, v)
 
 
 class _InvertDisplacement(torch.autograd.Function):

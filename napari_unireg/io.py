@@ -3,8 +3,8 @@
 Volumes
     :func:`load_volume` reads a NIfTI (or FreeSurfer MGH/MGZ) file, checks it (UserError on anything the user must
     fix) and returns a :class:`Volume` whose ``data`` is in **canonical RAS voxel order**
-    (``nibabel.as_closest_canonical``: axis 0 = left→right, 1 = posterior→anterior, 2 = inferior→superior) with the
-    matching ``affine``. The original header, affine, shape and orientation are kept so that :func:`save_volume`
+    (``nibabel.as_closest_canonical``: axis 0 = left→right, 1 = posterior→anterior, 2 = inferior→superior) with
+    the matching ``affine``. The original header, affine, shape and orientation are kept so that :func:`save_volume`
     writes results back in the user's voxel order with the user's header (qform/sform kept).
 
 Displacement fields (in memory: ``3×X×Y×Z``, voxel units of their grid, channel ``c`` = array axis ``c``, pull
@@ -28,7 +28,7 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -55,8 +55,8 @@ __all__ = [
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 READ_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 MAX_LABELS = 1000
-# Fraction of neighbouring voxel pairs (at least one non-zero) with equal values: label maps measured 0.81-0.98
-# (aseg, 35-label box maps, SynthSeg, CerebrA, masks), brain images 0.00-0.16 (uint8 FreeSurfer brains included).
+# Fraction of neighbouring non-zero voxel pairs with equal values: label maps measured 0.88-1.0 (aseg, 35-label box
+# maps, SynthSeg, CerebrA, masks), brain images 0.00-0.17 (uint8 FreeSurfer brains included).
 LABEL_EQUAL_NEIGHBOURS = 0.6
 _RAS = axcodes2ornt(("R", "A", "S"))
 _LPS = np.diag([-1.0, -1.0, 1.0])
@@ -81,7 +81,6 @@ class Volume:
     is_label: bool = False
     path: Path | None = None
     name: str = "volume"
-    meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.affine = np.asarray(self.affine, dtype=np.float64)
@@ -196,12 +195,15 @@ def _count_unique(data: np.ndarray, limit: int) -> int:
 
 
 def _equal_neighbour_fraction(data: np.ndarray) -> float:
-    """Fraction of axis-neighbour voxel pairs, at least one non-background, holding the same value."""
+    """Fraction of axis-neighbour pairs of non-zero voxels holding the same value (1 for a label map's inside).
+
+    Pairs touching the background are left out: the brain outline would dominate in small volumes.
+    """
     total = equal = 0
     for axis in range(data.ndim):
         a = np.moveaxis(data, axis, 0)
         x, y = a[1:], a[:-1]
-        fg = (x != 0) | (y != 0)
+        fg = (x != 0) & (y != 0)
         total += int(fg.sum())
         equal += int(((x == y) & fg).sum())
     return equal / total if total else 1.0
@@ -352,7 +354,8 @@ def load_volume(path: str | os.PathLike, kind: str = "auto") -> Volume:
     try:
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError, MemoryError) as exc:
-        raise UserError(f"{label}: the image data cannot be read (truncated or corrupt file: {_oneline(exc)})") from None
+        msg = f"{label}: the image data cannot be read (truncated or corrupt file: {_oneline(exc)})"
+        raise UserError(msg) from None
     header = img.header.copy() if isinstance(img, nib.Nifti1Image | nib.Nifti2Image) else None
     vol = volume_from_array(data, img.affine, kind=kind, name=label, header=header, path=path)
     vol.name = _strip_suffix(path.name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +50,7 @@ class AffineResult:
     seconds: float = 0.0
     history: list = field(default_factory=list)
 
-    def voxel_matrix(self, shape: Sequence[int] | None = None, affine: np.ndarray | None = None) -> np.ndarray:
+    def voxel_matrix(self, affine: np.ndarray | None = None) -> np.ndarray:
         """4×4 matrix from a voxel of the target grid (default: the fixed grid) to a moving voxel."""
         target = self.fixed_affine if affine is None else np.asarray(affine, dtype=np.float64)
         return np.linalg.inv(self.moving_affine) @ self.matrix @ target
@@ -83,6 +84,34 @@ class AffineResult:
     def inverse_matrix(self) -> np.ndarray:
         """Moving world point → fixed world point."""
         return np.linalg.inv(self.matrix)
+
+    def compose(
+        self, disp: np.ndarray | None = None, shape: Sequence[int] | None = None, affine: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The whole mapping ``affine ∘ (id + disp)`` as a displacement in voxel units of a grid (``3×S``).
+
+        ``disp`` (``3×S``, voxel units of the grid, pull; None = 0) is applied first, then this affine: grid voxel
+        ``p`` maps to the moving world point ``matrix·A·(p + disp(p))`` and the result ``w`` satisfies
+        ``A·(p + w(p)) = that point`` (``A`` = the grid's affine, default the fixed grid). Ready for
+        :func:`napari_unireg.io.save_disp_itk` with ``A``.
+        """
+        a = self.fixed_affine if affine is None else np.asarray(affine, dtype=np.float64)
+        if disp is not None:
+            disp = np.asarray(disp, dtype=np.float32)
+            shape = disp.shape[1:]
+        shape = self.fixed_shape if shape is None else tuple(int(s) for s in shape)
+        m = np.linalg.inv(a) @ self.matrix @ a  # grid voxel → grid voxel coordinates of the moving point
+        axes = [np.arange(n, dtype=np.float64) for n in shape]
+        out = np.empty((3, *shape), dtype=np.float32)
+        for c in range(3):
+            # Σ_k m[c,k]·p_k + m[c,3] − p_c, built from 1D pieces (no 3×S coordinate array).
+            base = m[c, 3] + sum(
+                (m[c, k] - (k == c)) * axes[k].reshape([-1 if j == k else 1 for j in range(3)]) for k in range(3)
+            )
+            out[c] = base
+            if disp is not None:
+                out[c] += sum(np.float32(m[c, k]) * disp[k] for k in range(3))
+        return out
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -126,20 +155,6 @@ def _moments(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     centred = world - com[:, None]
     cov = (centred * flat) @ centred.T / total
     return com, cov, float(total)
-
-
-def _sample(volume, inv_affine, points):
-    """Trilinear samples of ``volume`` (C×D×H×W torch) at world ``points`` (N×3 torch), 0 outside: C×N."""
-    import torch
-    import torch.nn.functional as F
-
-    # Fold the voxel -> [-1, 1] normalisation into the world -> voxel matrix: one small matmul per call.
-    size = torch.tensor([2.0 / max(n - 1, 1) for n in volume.shape[1:]], dtype=points.dtype)
-    lin = inv_affine[:3, :3] * size[:, None]
-    off = inv_affine[:3, 3] * size - 1.0
-    grid = (points @ lin.flip(0).T + off.flip(0)).view(1, -1, 1, 1, 3)
-    out = F.grid_sample(volume[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out.view(volume.shape[0], -1)
 
 
 def _trilinear_with_grad(flat, shape, vox):
@@ -218,6 +233,22 @@ def mask_overlap(fixed_mask: np.ndarray, moving_mask_on_fixed: np.ndarray) -> fl
     return float((f & m).sum()) / smaller if smaller else 0.0
 
 
+@contextmanager
+def _torch_threads(n: int):
+    """Run with ``n`` intra-op threads, then restore. The loop works on ~40k-element vectors: extra threads
+    gain nothing there and, on a busy machine, their spin-waiting made it 10× slower (measured)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------- main entry
 
 
@@ -233,6 +264,7 @@ def affine_prealign(
     max_points: int = 40_000,
     min_overlap: float = MIN_OVERLAP,
     seed: int = 0,
+    threads: int = 1,
     progress: Callable[[str, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> AffineResult:
@@ -241,10 +273,35 @@ def affine_prealign(
     ``levels``: pyramid spacings in mm with ``iterations`` Adam steps each. ``init``: ``'moments'`` (centres of
     mass + isotropic scale from the second moments), ``'com'`` (centres of mass only) or ``'none'`` (identity
     in world coordinates: the scanners' coordinates are trusted). ``max_points``: at most this many voxels of
-    the fixed brain's box, drawn at random each step, enter the loss (speed; all of them on small levels). Raises :class:`UserError` when an
-    image has no foreground or the aligned brains overlap less than ``min_overlap`` (see :func:`mask_overlap`).
-    ``should_stop()`` returning True aborts with :class:`InterruptedError`.
+    the fixed brain's box, drawn at random each step, enter the loss (speed; all of them on small levels).
+    ``threads``: torch intra-op threads during the call (restored afterwards; 0 keeps the current setting).
+    Capture range: about ±45° of rotation between the two heads (measured), any translation with ``init``
+    other than ``'none'``. Raises :class:`UserError` when an image has no foreground or the aligned brains
+    overlap less than ``min_overlap`` (see :func:`mask_overlap`). ``should_stop()`` returning True aborts with
+    :class:`InterruptedError`. Typical cost: 2–3 s of one CPU core for two 256³ 1 mm brains.
     """
+    with _torch_threads(threads):
+        return _affine_prealign(
+            fixed, moving, fixed_affine, moving_affine, levels=levels, iterations=iterations, init=init,
+            max_points=max_points, min_overlap=min_overlap, seed=seed, progress=progress, should_stop=should_stop,
+        )
+
+
+def _affine_prealign(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    fixed_affine: np.ndarray,
+    moving_affine: np.ndarray,
+    *,
+    levels: Sequence[float],
+    iterations: Sequence[int],
+    init: str,
+    max_points: int,
+    min_overlap: float,
+    seed: int,
+    progress: Callable[[str, float], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> AffineResult:
     import torch
 
     t0 = time.perf_counter()
@@ -342,7 +399,7 @@ def affine_prealign(
     # Final NCC on the whole finest-level box and the overlap of the two brains on it.
     with torch.no_grad():
         y = pts @ lin.T + centre_m + trans
-        mv = _sample(m_l[None], inv_m, y)[0]
+        mv, _ = _trilinear_with_grad(m_flat, m_shape, y @ inv_lin.T + inv_off)
         ncc = float(_ncc_and_grad(fvals, mv)[0])
         overlap = mask_overlap(fvals.numpy() > 0.05, mv.numpy() > 0.05)
     result = AffineResult(

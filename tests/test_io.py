@@ -177,7 +177,8 @@ def test_missing_and_not_nifti(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
 def test_truncated_file(tmp_path, suffix):
-    path = _save(tmp_path / f"full{suffix}", np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), RAS_AFFINE)
+    data = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32)
+    path = _save(tmp_path / f"full{suffix}", data, RAS_AFFINE)
     raw = path.read_bytes()
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(raw[: len(raw) // 2])

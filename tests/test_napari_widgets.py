@@ -290,3 +290,65 @@ def test_export_figures_and_displacement(make_napari_viewer, tmp_path, qtbot):
     assert nib.load(str(p)).shape == (*SHAPE, 1, 3)
     snap = w.export_snapshot(str(tmp_path / "snap.png"))
     assert snap.exists() and snap.stat().st_size > 1000
+    written = w.export_run(str(tmp_path / "run"))
+    assert {"warped", "jacobian", "disp", "disp_itk", "metrics", "run"} <= set(written)
+    assert nib.load(str(written["warped"])).shape == SHAPE
+
+
+def _screen_halves(view):
+    """Mean brightness of the left and right halves of a linked view's canvas."""
+    img = view.qt_viewer.screenshot(flash=False)[..., :3].astype(float).mean(-1)
+    h, w = img.shape
+    return img[:, : w // 2].mean(), img[:, w // 2 :].mean()
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS"])
+def test_linked_views_anatomy_right_for_ras_and_lps_files(make_napari_viewer, tmp_path, qtbot, codes):
+    """A volume bright in the patient's right half and anterior half, stored as RAS or LPS: the axial view shows
+    the right on the screen's left (radiological) and anterior at the top, where its labels say."""
+    import nibabel as nib
+
+    from napari_unireg._napari.ortho_views import OrthoViewsWidget
+    from napari_unireg._napari.reader import read_nifti
+
+    shape = (20, 22, 12)
+    i, j, _ = np.indices(shape)
+    ras = (0.2 + (i >= shape[0] // 2) * 1.0 + (j >= shape[1] // 2) * 0.5).astype(np.float32)
+    data, aff = ras, np.diag([1.0, 1.0, 1.0, 1.0])
+    if codes == "LPS":
+        data = ras[::-1, ::-1, :].copy()
+        aff = np.diag([-1.0, -1.0, 1.0, 1.0])
+        aff[:2, 3] = (shape[0] - 1, shape[1] - 1)
+    path = tmp_path / f"v_{codes}.nii.gz"
+    nib.save(nib.Nifti1Image(data, aff), str(path))
+    viewer = make_napari_viewer(show=True)
+    for d, kw, t in read_nifti(str(path)):
+        kw["contrast_limits"] = (0.0, 1.7)
+        getattr(viewer, f"add_{t}")(d, **kw)
+    w = OrthoViewsWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.chk_cross.setChecked(False)
+    qtbot.wait(200)
+    axial, coronal = w.views[2], w.views[1]
+    assert axial.side_labels()["left"] == "R" and axial.side_labels()["top"] == "A"
+    left, right = _screen_halves(axial)
+    assert left > right + 10  # the patient's right (bright) is on the screen's left
+    img = axial.qt_viewer.screenshot(flash=False)[..., :3].astype(float).mean(-1)
+    top, bottom = img[: img.shape[0] // 2].mean(), img[img.shape[0] // 2 :].mean()
+    assert top > bottom + 5  # anterior (brighter) at the top
+    left, right = _screen_halves(coronal)
+    assert left > right + 10
+    w.cmb_conv.setCurrentIndex(1)  # neurological: right on the right
+    qtbot.wait(200)
+    left, right = _screen_halves(axial)
+    assert right > left + 10 and axial.side_labels()["right"] == "R"
+
+
+@pytest.mark.slow
+def test_open_sample_demo_pair(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-unireg", "demo_pair")
+    names = [lay.name for lay in viewer.layers]
+    assert names == ["demo fixed", "demo moving", "demo fixed labels", "demo moving labels"]
+    assert viewer.layers["demo fixed labels"].metadata["label_names"]
+    np.testing.assert_allclose(np.diag(viewer.layers["demo fixed"].affine.affine_matrix)[:3], 1.0)

@@ -148,3 +148,23 @@ def test_native_pair_other_orientation_and_voxel_size(shared_data):
     warped = res.resample_labels(labels.data)
     assert warped.shape == lps.shape and warped.dtype == labels.data.dtype
     assert set(np.unique(warped)) <= set(np.unique(labels.data))
+
+
+def test_compose_with_displacement():
+    fa = np.diag([2.0, 1.5, 1.0, 1.0])
+    fa[:3, 3] = [-10, 4, 7]
+    shape = (6, 7, 5)
+    matrix = _rotation(2, 10)
+    matrix[:3, 3] = [3.0, -1.0, 2.0]
+    res = AffineResult(matrix, shape, fa, shape, np.eye(4))
+    u = np.random.default_rng(0).normal(size=(3, *shape)).astype(np.float32)
+    w = res.compose(u)
+    p = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), 0).astype(np.float64)
+    target = np.einsum("ij,j...->i...", matrix[:3, :3], np.einsum("ij,j...->i...", fa[:3, :3], p + u)
+                       + fa[:3, 3, None, None, None]) + matrix[:3, 3, None, None, None]
+    got = np.einsum("ij,j...->i...", fa[:3, :3], p + w) + fa[:3, 3, None, None, None]
+    np.testing.assert_allclose(got, target, atol=1e-4)
+    # Without a displacement: the affine alone; the identity gives zeros.
+    expected = (np.linalg.inv(fa) @ matrix @ fa @ [1, 2, 3, 1])[:3] - [1, 2, 3]
+    np.testing.assert_allclose(res.compose()[:, 1, 2, 3], expected, atol=1e-5)
+    assert np.abs(AffineResult(np.eye(4), shape, fa, shape, fa).compose()).max() < 1e-6

@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import smooth_blob_volume
+
 from napari_unireg.errors import UserError
 from napari_unireg.train import config as tc
 from napari_unireg.train.data import PairBatchSampler, PairPlan, discover, subject_id
@@ -143,8 +143,11 @@ def test_discover_dataset_json_and_val_pairs(dataset):
 def test_discover_folder_with_csv_pairs(dataset, tmp_path):
     csv = tmp_path / "pairs.csv"
     csv.write_text("fixed,moving\n0003,0004\n")
-    tset = discover(tc.DataConfig(source=str(dataset.parent / "imagesTr"), labels=str(dataset.parent / "labelsTr"),
-                                  val_pairs=str(csv)))
+    tset = discover(
+        tc.DataConfig(
+            source=str(dataset.parent / "imagesTr"), labels=str(dataset.parent / "labelsTr"), val_pairs=str(csv)
+        )
+    )
     assert len(tset.entries) == 4 and tset.entries[2].label.endswith("T_0003_0000.nii.gz")
     assert tset.excluded == {frozenset((2, 3))}
 
@@ -183,9 +186,9 @@ def test_pair_dataset_half_resolution(dataset):
 
 # ----------------------------------------------------------------------------------------------- augment / synth
 def test_augment_pair_deterministic_and_background_kept():
-    from napari_unireg.train.augment import augment_pair
-
     from scipy.ndimage import binary_dilation
+
+    from napari_unireg.train.augment import augment_pair
 
     img = smooth_blob_volume(SHAPE, 1) * 0.8 + 0.2
     grid = np.indices(SHAPE) - 7.5
@@ -215,10 +218,10 @@ def test_synthesize_pair():
     again = synthesize_pair(lab, lab, np.random.default_rng(0), cfg)
     assert np.array_equal(out["moving"], again["moving"])
     for side in ("moving", "fixed"):
-        img, l = out[side], out[f"{side}_label"]
+        img, lab_out = out[side], out[f"{side}_label"]
         assert img.shape == SHAPE and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
-        assert np.all(img[l == 0] == 0) and img[l > 0].mean() > 0.1
-        assert set(np.unique(l)) <= {0, 1, 2, 3}
+        assert np.all(img[lab_out == 0] == 0) and img[lab_out > 0].mean() > 0.1
+        assert set(np.unique(lab_out)) <= {0, 1, 2, 3}
     assert not np.allclose(out["moving"], out["fixed"])
 
 
@@ -269,8 +272,13 @@ def test_symmetric_step_for_inverse_consistent_model(dataset, tmp_path):
 def _run(ds, out, steps, *, crash_at=None, resume=False, workers=0, ckpt_every=3):
     from napari_unireg.train.loop import train
 
-    cfg = _cfg(ds, ("steps", steps), ("data.num_workers", workers), ("log.checkpoint_every", ckpt_every),
-               ("augment.enabled", True))
+    cfg = _cfg(
+        ds,
+        ("steps", steps),
+        ("data.num_workers", workers),
+        ("log.checkpoint_every", ckpt_every),
+        ("augment.enabled", True),
+    )
 
     def on_step(step, terms):
         if crash_at is not None and step == crash_at:
@@ -315,8 +323,16 @@ def test_existing_run_needs_resume_and_bad_checkpoints_fail_clearly(dataset, tmp
         train(_cfg(dataset, ("steps", 2)), out)
     # a changed architecture is refused
     with pytest.raises(UserError, match="differs from the saved run in model_config"):
-        train(_cfg(dataset, ("steps", 4), ("augment.enabled", True),
-                   ("model_config", {"enc_channels": [4, 4, 8], "dec_channels": [4, 4, 4]})), out, resume=True)
+        train(
+            _cfg(
+                dataset,
+                ("steps", 4),
+                ("augment.enabled", True),
+                ("model_config", {"enc_channels": [4, 4, 8], "dec_channels": [4, 4, 4]}),
+            ),
+            out,
+            resume=True,
+        )
     # tensors that do not fit
     state = torch.load(out / "last.pt", weights_only=True)
     key = next(iter(state["model"]))
@@ -344,12 +360,37 @@ def test_cli_run_writes_card_and_init_encoder(dataset, tmp_path):
     from napari_unireg.train.checkpointing import init_from
 
     cfgfile = tmp_path / "c.yaml"
-    cfgfile.write_text(json.dumps({"model_config": TINY, "data": {"grid_shape": list(SHAPE), "num_workers": 0},
-                                   "optim": {"pairs_per_epoch": 2}, "val": {"every_epochs": 1}}))
+    cfgfile.write_text(
+        json.dumps(
+            {
+                "model_config": TINY,
+                "data": {"grid_shape": list(SHAPE), "num_workers": 0},
+                "optim": {"pairs_per_epoch": 2},
+                "val": {"every_epochs": 1},
+            }
+        )
+    )
     out = tmp_path / "run"
     args = build_parser().parse_args(
-        ["train", "--config", str(cfgfile), "--data", str(dataset), "--out", str(out), "--steps", "2",
-         "--device", "cpu", "--threads", "1", "--quiet", "--set", "export.name=conv-c-tiny"])
+        [
+            "train",
+            "--config",
+            str(cfgfile),
+            "--data",
+            str(dataset),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--quiet",
+            "--set",
+            "export.name=conv-c-tiny",
+        ]
+    )
     assert args.func(args) == 0
     card = json.loads((out / "conv-c-tiny.json").read_text())
     assert card["architecture"] == "dp-conv-c" and card["resolution"] == "full"
@@ -368,15 +409,42 @@ def test_cli_run_writes_card_and_init_encoder(dataset, tmp_path):
     assert info["encoder_tensors"] == len(enc) > 0
     assert all(torch.allclose(other.state_dict()[k], trained[k].float(), atol=1e-3) for k in enc)
     with pytest.raises(UserError, match="compatible encoder"):
-        init_from(build_model("dp-conv-c", enc_channels=[8, 8, 8], dec_channels=[4, 4, 4]),
-                  str(out / "conv-c-tiny.safetensors"))
+        init_from(
+            build_model("dp-conv-c", enc_channels=[8, 8, 8], dec_channels=[4, 4, 4]),
+            str(out / "conv-c-tiny.safetensors"),
+        )
+
+
+def test_cli_resume_uses_the_saved_config(dataset, tmp_path, capsys):
+    from napari_unireg.cli import main
+
+    out = str(tmp_path / "run")
+    common = ["--device", "cpu", "--threads", "1", "--workers", "0", "--quiet"]
+    tiny = [
+        "--set",
+        "model_config={enc_channels: [4, 4, 4], dec_channels: [4, 4, 4]}",
+        "--set",
+        "data.grid_shape=[16,16,16]",
+    ]
+    assert main(["train", "--data", str(dataset), "--out", out, "--steps", "2", *common, *tiny]) == 0
+    assert main(["train", "--data", str(dataset), "--out", out, "--steps", "2", *common, *tiny]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # --resume needs neither --data nor the model settings: the run folder's config.yaml is used
+    assert main(["train", "--out", out, "--resume", "--steps", "3", *common]) == 0
+    assert torch.load(Path(out) / "last.pt", weights_only=True)["step"] == 3
+    assert main(["train", "--out", out, "--resume", "--steps", "4", "--set", "optim.lr=0.1", *common]) == 2
+    assert "optim.lr" in capsys.readouterr().err
 
 
 def test_cli_print_config_and_user_error(dataset, tmp_path, capsys):
     from napari_unireg.cli import main
 
-    assert main(["train", "--out", str(tmp_path / "x"), "--data", str(dataset), "--print-config",
-                 "--set", "optim.lr=2e-4"]) == 0
+    assert (
+        main(
+            ["train", "--out", str(tmp_path / "x"), "--data", str(dataset), "--print-config", "--set", "optim.lr=2e-4"]
+        )
+        == 0
+    )
     assert "lr: 0.0002" in capsys.readouterr().out
     assert main(["train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "missing.json")]) == 2
     assert "training data not found" in capsys.readouterr().err
@@ -390,8 +458,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, ds: str, out: str, result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
     from napari_unireg.train.loop import train
 
     seen = []
@@ -404,8 +473,9 @@ def test_ddp_two_cpu_processes_hold_identical_weights(dataset, tmp_path):
 
     res_dir = tmp_path / "res"
     res_dir.mkdir()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(dataset), str(tmp_path / "run"), str(res_dir)), nprocs=2,
-             join=True)
+    mp.spawn(
+        _ddp_worker, args=(2, _free_port(), str(dataset), str(tmp_path / "run"), str(res_dir)), nprocs=2, join=True
+    )
     r0 = torch.load(res_dir / "rank0.pt", weights_only=True)
     r1 = torch.load(res_dir / "rank1.pt", weights_only=True)
     assert _weights_equal(r0["model"], r1["model"])
@@ -416,8 +486,10 @@ def test_ddp_two_cpu_processes_hold_identical_weights(dataset, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- real data (skips)
 def test_development_data_plan(shared_data):
-    tset = discover(tc.DataConfig(source=str(shared_data / "dataset.json")),
-                    tc.SynthConfig(prob=0.3, label_maps=[str(shared_data / "synthseg_labels")]))
+    tset = discover(
+        tc.DataConfig(source=str(shared_data / "dataset.json")),
+        tc.SynthConfig(prob=0.3, label_maps=[str(shared_data / "synthseg_labels")]),
+    )
     assert len(tset.entries) == 14 and len(tset.val_pairs) == 6 and len(tset.excluded) == 6
     assert len(tset.label_maps) == 20
     plan = PairPlan(len(tset.entries), tset.excluded, 0, 0.3, len(tset.label_maps))
@@ -429,10 +501,20 @@ def test_development_data_plan(shared_data):
 def test_learning_rate_warmup_and_schedule_in_the_log(dataset, tmp_path):
     from napari_unireg.train.loop import train
 
-    train(_cfg(dataset, ("steps", 3), ("optim.warmup_steps", 2), ("optim.pairs_per_epoch", 1),
-               ("optim.T_0", 2), ("optim.T_mult", 1)), tmp_path / "run")
+    train(
+        _cfg(
+            dataset,
+            ("steps", 3),
+            ("optim.warmup_steps", 2),
+            ("optim.pairs_per_epoch", 1),
+            ("optim.T_0", 2),
+            ("optim.T_mult", 1),
+        ),
+        tmp_path / "run",
+    )
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]
     lrs = [float(r.split(",")[6]) for r in rows]
-    # step 1: warm-up 1/2 of 1e-3; step 2: cosine at epoch 1 of T_0 = 2 (the midpoint); step 3: restart
+    # §9: after step k the schedule is set at the position *before* that step (k-1 epochs here), so
+    # step 1: warm-up 1/2 of 1e-3; step 2: epoch 0 (1e-3); step 3: epoch 1 of T_0 = 2, the cosine midpoint
     mid = 1e-5 + (1e-3 - 1e-5) * 0.5
-    assert lrs == pytest.approx([0.5e-3, mid, 1e-3], rel=1e-4)
+    assert lrs == pytest.approx([0.5e-3, 1e-3, mid], rel=1e-4)

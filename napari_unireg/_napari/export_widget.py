@@ -120,6 +120,11 @@ class ExportWidget(QWidget):
         self.btn_l2r.setToolTip("X×Y×Z×3 float32, voxel units, pull, on the fixed canonical (RAS) grid")
         self.btn_itk = QPushButton("displacement: ITK/ANTs…")
         self.btn_itk.setToolTip("X×Y×Z×1×3 vector NIfTI, LPS mm, fixed grid affine (antsApplyTransforms, greedy)")
+        self.btn_run = QPushButton("all results of the run (like `unireg register`)…")
+        self.btn_run.setToolTip(
+            "warped, warped labels, Jacobian (in the fixed file's orientation and header), displacement "
+            "(Learn2Reg + ITK), metrics.json and run.json (options, model, versions) into a folder"
+        )
         self.lbl = QLabel("")
         self.lbl.setWordWrap(True)
 
@@ -142,6 +147,7 @@ class ExportWidget(QWidget):
         disp.addWidget(self.btn_l2r)
         disp.addWidget(self.btn_itk)
         lay.addLayout(disp)
+        lay.addWidget(self.btn_run)
         lay.addWidget(self.lbl)
         lay.addStretch(1)
 
@@ -150,6 +156,7 @@ class ExportWidget(QWidget):
         self.btn_snap.clicked.connect(self._do_snapshot)
         self.btn_l2r.clicked.connect(lambda: self._do_disp("l2r"))
         self.btn_itk.clicked.connect(lambda: self._do_disp("itk"))
+        self.btn_run.clicked.connect(self._do_run_folder)
         self.store.added.connect(self._fill)
         self.store.removed.connect(self._fill)
         self._fill()
@@ -237,6 +244,35 @@ class ExportWidget(QWidget):
             out = save_disp_l2r(run.result.disp_native, path, overwrite=True)
         self._report(f"displacement ({convention})", [out])
         return Path(out)
+
+    def export_run(self, out_dir: str) -> dict[str, Path]:
+        """Write the run's results like the CLI does (``engine.write_result``); returns the written paths."""
+        from napari_unireg.engine import write_result
+        from napari_unireg.errors import UserError
+        from napari_unireg.io import Volume
+
+        from .convert import like_from_meta
+
+        run = self.current_run()
+        if run is None:
+            raise UserError("no registration run yet")
+        fixed = like_from_meta(run.nifti, run.fixed) if run.nifti else Volume(data=run.fixed, affine=run.affine)
+        written = write_result(run.result, fixed, out_dir, overwrite=True, options=run.options)
+        self._report("run results", list(written.values()))
+        return written
+
+    def _do_run_folder(self) -> None:
+        run = self.current_run()
+        if run is None:
+            self._error(ValueError("no registration run yet"))
+            return
+        default = Path(self.ed_dir.text()) / _safe(run.tag)
+        d = QFileDialog.getExistingDirectory(self, "Folder for the run's results", str(default.parent))
+        if d:
+            try:
+                self.export_run(str(Path(d) / _safe(run.tag)))
+            except Exception as exc:
+                self._error(exc)
 
     def _do_figures(self) -> None:
         try:

@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -134,7 +135,8 @@ class InspectWidget(QWidget):
         lay.addWidget(self.lbl_flicker)
         lay.addWidget(QLabel("under the cursor:"))
         lay.addWidget(self.lbl_hover)
-        lay.addStretch(1)
+        # no vertical stretch: the dock takes what the form needs and leaves the rest to the linked views
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
 
         self.timer = QTimer(self)
         self.timer.timeout.connect(self._flicker_step)

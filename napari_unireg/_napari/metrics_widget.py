@@ -160,8 +160,8 @@ class MetricsWidget(QWidget):
         self.labels = QTableWidget()
         for t in (self.summary, self.labels):
             t.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-            t.setAlternatingRowColors(True)
             t.verticalHeader().setVisible(False)
+            t.verticalHeader().setDefaultSectionSize(22)
         top = QHBoxLayout()
         top.addWidget(self.chk_all)
         top.addStretch(1)
@@ -172,6 +172,7 @@ class MetricsWidget(QWidget):
         lay.addWidget(self.summary, 2)
         lay.addWidget(QLabel("Dice per label"))
         lay.addWidget(self.labels, 3)
+        self.setMinimumHeight(320)
         self.chk_all.toggled.connect(self.refresh)
         self.btn_copy.clicked.connect(self.copy)
         self.btn_csv.clicked.connect(self._save_dialog)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, Qt
+from qtpy.QtCore import QEvent, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -135,11 +135,21 @@ class OrthoView(QWidget):
         self.model = ViewerModel(title=PLANE_NAMES[axis])
         self.qt_viewer = QtViewer(self.model)
         self.qt_viewer.setAcceptDrops(False)
+        # no slider per view: Ctrl+scroll steps through slices, a click moves the shared point (more canvas room)
+        self.qt_viewer.dims.hide()
+        self.qt_viewer.setToolTip(
+            "click: move the point here · Ctrl+scroll: next/previous slice · scroll: zoom · drag: pan"
+        )
         self.mirrors: dict[int, Any] = {}  # id(main layer) -> mirror layer
         self.crosshair = None
+        #: refit the slice to the canvas on resize until the user zooms or pans this view
+        self.auto_fit = True
+        self.model.mouse_wheel_callbacks.append(self._on_wheel)
 
         self.title = QLabel(PLANE_NAMES[axis])
         self.title.setStyleSheet("font-weight: bold;")
+        self.position = QLabel("")
+        self.position.setToolTip("Position of this plane along its axis (RAS mm)")
         self.side = {k: QLabel("") for k in ("top", "bottom", "left", "right")}
         for lab in self.side.values():
             lab.setAlignment(Qt.AlignmentFlag.AlignCenter)
@@ -155,7 +165,7 @@ class OrthoView(QWidget):
         head.addStretch(1)
         head.addWidget(self.side["top"])
         head.addStretch(1)
-        head.addSpacing(self.title.sizeHint().width())
+        head.addWidget(self.position)
         grid.addLayout(head, 0, 0, 1, 3)
         grid.addWidget(self.side["left"], 1, 0)
         grid.addWidget(self.qt_viewer, 1, 1)
@@ -176,6 +186,29 @@ class OrthoView(QWidget):
             self.side[k].setText(getattr(lay, k))
         self.layout_spec = lay
         return lay
+
+    def _on_wheel(self, model: Any, event: Any) -> None:
+        if "Control" not in event.modifiers:
+            self.auto_fit = False  # the user zoomed: keep their zoom on resize
+
+    def fit(self) -> None:
+        """Frame the data in this view."""
+        self.model.reset_view()
+
+    def resizeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
+        super().resizeEvent(event)
+        if self.auto_fit and self.qt_viewer is not None:
+            # after the layout pass, when the canvas has its new size
+            QTimer.singleShot(0, self._fit_if_alive)
+
+    def _fit_if_alive(self) -> None:
+        if self.qt_viewer is not None and self.auto_fit:
+            with contextlib.suppress(RuntimeError):
+                self.fit()
+
+    def show_position(self, value: float) -> None:
+        axis_name = "xyz"[self.axis]
+        self.position.setText(f"{axis_name} = {value:+.1f} mm")
 
     def side_labels(self) -> dict[str, str]:
         """The four side labels as shown (for tests and scripts)."""
@@ -470,6 +503,7 @@ class OrthoViewsWidget(QWidget):
                     continue
                 if tuple(v.model.dims.point) != tuple(pt):
                     v.model.dims.point = tuple(pt)
+                v.show_position(float(v.model.dims.point[v.axis]))
                 self._place_crosshair(v, pt)
         finally:
             self._syncing = False
@@ -494,7 +528,9 @@ class OrthoViewsWidget(QWidget):
             while event.type == "mouse_move":
                 moved = True
                 yield
-            if not moved and len(event.position) >= 3:
+            if moved:
+                view.auto_fit = False  # the user panned this view
+            elif len(event.position) >= 3:
                 self.set_point(event.position[-3:])
 
         return on_drag
@@ -583,8 +619,10 @@ class OrthoViewsWidget(QWidget):
             v.apply_layout(self.radiological)
 
     def reset_views(self) -> None:
+        """Frame the data in every view (and refit on resize again)."""
         for v in self.views:
-            v.model.reset_view()
+            v.auto_fit = True
+            v.fit()
 
     def _orient_main(self, index: int) -> None:
         if index <= 0 or self.viewer.dims.ndim != 3:

@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -252,7 +253,8 @@ class RegisterWidget(QWidget):
         lay.addLayout(buttons)
         lay.addWidget(self.progress_bar)
         lay.addWidget(self.lbl_status)
-        lay.addStretch(1)
+        # no vertical stretch: the dock takes what the form needs and leaves the rest to the linked views
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
 
         self.populate_models()
         self.populate_devices()
@@ -474,7 +476,7 @@ class RegisterWidget(QWidget):
     def _add_run(self, payload: tuple) -> Any:
         from . import show
         from .convert import nifti_meta
-        from .runs import DEFAULT_KINDS, get_store
+        from .runs import DEFAULT_KINDS, DEFAULT_VISIBLE, get_store
 
         result, fixed_vol, fixed_seg_vol, moving_vol, moving_seg_vol = payload
         fixed_name, moving_name, fseg_name, mseg_name = self._names
@@ -497,7 +499,9 @@ class RegisterWidget(QWidget):
             nifti=nifti_meta(fixed_vol),
         )
         for kind in DEFAULT_KINDS:
-            show.set_visible(self.viewer, run, kind, True)
+            for layer in show.add_kind(self.viewer, run, kind):
+                layer.visible = kind in DEFAULT_VISIBLE
+        self.viewer.layers.selection.active = show.layers_of(self.viewer, run, "warped")[0]
         from .status import install
 
         install(self.viewer)  # hover read-out of u and J in the status bar

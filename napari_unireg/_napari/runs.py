@@ -29,8 +29,10 @@ KINDS = (
     "checkerboard",
     "flicker",
 )
-#: Kinds the Register widget shows when a run finishes (the others are one click away in Inspect).
+#: Kinds the Register widget adds when a run finishes (the others are one click away in Inspect) ...
 DEFAULT_KINDS = ("warped", "warped labels", "jacobian")
+#: ... of which these start visible (the warped image over the fixed one; the rest is an eye-click away).
+DEFAULT_VISIBLE = ("warped",)
 
 #: metadata key on every layer this plugin creates for a run: {"run": id, "kind": kind, ...}
 META_KEY = "unireg"

@@ -6,7 +6,8 @@ points; the two atomic fields ``a12 = g(fwd)``, ``a21 = g(rev)`` give the anti-s
 half maps ``L``, ``R`` and their inverses; the outputs are ``u12 = L ∘ R⁻¹`` and ``u21 = R ∘ L⁻¹``.
 
 Everything is batched as ``[image 1; image 2]`` (``2B`` samples): the encoder runs once on the concatenated
-pair, ``g`` runs on ``[fwd; rev]`` as one batch of 2 when gradients are needed, and ``L, R`` (and ``L⁻¹, R⁻¹``)
+pair, ``g`` runs on ``[fwd; rev]`` as one batch of 2 when gradients are needed (one direction after the other
+in inference, to halve the peak memory), and ``L, R`` (and ``L⁻¹, R⁻¹``)
 live in one ``2B×3×S`` tensor each. Swapping the images permutes every batch by halves, hence the exact swap
 symmetry. All fields are full-resolution voxel displacements; compositions are evaluated lazily (each stored
 field is interpolated once at the final points, never a resampled intermediate).
@@ -20,9 +21,9 @@ import torch
 from torch import nn
 
 from ..bspline import UPPER_BOUNDS, bspline_upsample, max_control_point, sample_at_level
-from ..correlation import local_correlation, reverse_correlation
+from ..correlation import reverse_correlation
 from ..inversion import invert_displacement
-from ..spatial import compose, warp
+from .fastops import compose, local_correlation, warp
 from .base import RegistrationModel
 from .blocks import FlowHead, ResBlock
 from .dp_conv import DEC_CHANNELS, N_CORR
@@ -121,33 +122,36 @@ class DPConvIC(RegistrationModel):
         return 0
 
     # ---- block inputs -------------------------------------------------------------------------------------
-    def _direction_inputs(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x, None)`` with ``x = [fwd; rev]`` (2B batch) when training, else the two halves separately."""
+    def _forward_input(self, feat: torch.Tensor) -> torch.Tensor:
+        """The forward input of ``g`` from the mid-space features ``[f1; f2]`` (B samples)."""
         b = feat.shape[0] // 2
-        if self.mode == "mf":  # fwd [f1, f2], rev [f2, f1]
-            if torch.is_grad_enabled():
-                return torch.cat([feat, swap_halves(feat)], 1), None
-            return torch.cat([feat[:b], feat[b:]], 1), torch.cat([feat[b:], feat[:b]], 1)
-        if self.mode == "diffsum":  # SITReg: fwd [f1 − f2, f1 + f2], rev [f2 − f1, f2 + f1]
-            diff, total = feat[:b] - feat[b:], feat[:b] + feat[b:]
-            if torch.is_grad_enabled():
-                return torch.cat([torch.cat([diff, -diff], 0), torch.cat([total, total], 0)], 1), None
-            return torch.cat([diff, total], 1), torch.cat([-diff, total], 1)
-        c12 = local_correlation(feat[:b], feat[b:])  # computed once; corr(f2, f1) is a channel remap (§13.1)
-        c21 = reverse_correlation(c12)
-        if torch.is_grad_enabled():
-            c = torch.cat([c12, c21], 0)
-            return torch.cat([c, swap_halves(c)], 1), None
-        return torch.cat([c12, c21], 1), torch.cat([c21, c12], 1)
+        f1, f2 = feat[:b], feat[b:]
+        if self.mode == "mf":  # [f1, f2]
+            return torch.cat([f1, f2], 1)
+        if self.mode == "c":  # [c12, c21]; corr(f2, f1) is a channel remap of corr(f1, f2) (§13.1)
+            c12 = local_correlation(f1, f2)
+            return torch.cat([c12, reverse_correlation(c12)], 1)
+        return torch.cat([f1 - f2, f1 + f2], 1)  # "diffsum" (SITReg)
 
-    def atomic_fields(self, block: AtomicBlock, feat: torch.Tensor) -> torch.Tensor:
-        """``[a12; a21]`` (2B×3×S, full-res voxels) from the mid-space features ``[f1; f2]`` of one level."""
-        fwd, rev = self._direction_inputs(feat)
-        if rev is None:
-            return block.atomic(fwd)
-        a12 = block.atomic(fwd)
-        del fwd
-        return torch.cat([a12, block.atomic(rev)], 0)
+    def _reverse_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The reverse input from the forward one: swap the halves (MF, C) or negate the difference (diffsum)."""
+        n = x.shape[1] // 2
+        if self.mode == "diffsum":
+            return torch.cat([-x[:, :n], x[:, n:]], 1)
+        return torch.cat([x[:, n:], x[:, :n]], 1)
+
+    def atomic_fields(self, block: AtomicBlock, holder: list[torch.Tensor]) -> torch.Tensor:
+        """``[a12; a21]`` (2B×3×S, full-res voxels) from the mid-space features ``holder = [[f1; f2]]``.
+
+        The features are taken out of ``holder`` so that they are freed as soon as the input is built. With
+        gradients, ``g`` sees ``[fwd; rev]`` as one batch; without, one direction at a time (lower peak memory).
+        """
+        x = self._forward_input(holder.pop())
+        if torch.is_grad_enabled():
+            return block.atomic(torch.cat([x, self._reverse_input(x)], 0))
+        a12 = block.atomic(x)
+        x = self._reverse_input(x)
+        return torch.cat([a12, block.atomic(x)], 0)
 
     # ---- forward ------------------------------------------------------------------------------------------
     def _forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
@@ -162,8 +166,9 @@ class DPConvIC(RegistrationModel):
                 feats[level] = None
             if maps is not None:  # warp both images' features into the mid space (§5 steps 1-3)
                 feat = warp(feat, sample_at_level(maps, level) / 2**level)
-            a = self.atomic_fields(block, feat)
+            holder = [feat]
             del feat
+            a = self.atomic_fields(block, holder)
             inv = invert_displacement(a, max_iter=self.inv_max_iter, tol=self.inv_tol)
             # [D; D⁻¹] = [a12 ∘ a21⁻¹; a21 ∘ a12⁻¹], evaluated lazily at every full-res voxel
             upd = compose(a, swap_halves(inv))

@@ -13,6 +13,7 @@ from ..correlation import OFFSETS
 from .base import RegistrationModel
 from .dp_conv import coarse_to_fine, encode_pair
 from .encoder import ENC_CHANNELS, PyramidEncoder
+from .fastops import window_dots
 from .output import RegistrationOutput
 
 __all__ = ["DPVFA", "VFABlock", "window_logits", "attention_displacement"]
@@ -20,17 +21,7 @@ __all__ = ["DPVFA", "VFABlock", "window_logits", "attention_displacement"]
 
 def window_logits(query: torch.Tensor, keys_padded: torch.Tensor, scale: float) -> torch.Tensor:
     """``<Q(p), K(p + 1 + o_j)>·scale`` for the 27 offsets; ``keys_padded`` is 2 voxels larger per axis."""
-    d0, d1, d2 = query.shape[2:]
-    windows = (
-        keys_padded[:, :, 1 + o0 : 1 + o0 + d0, 1 + o1 : 1 + o1 + d1, 1 + o2 : 1 + o2 + d2] for o0, o1, o2 in OFFSETS
-    )
-    if torch.is_grad_enabled() and (query.requires_grad or keys_padded.requires_grad):
-        return torch.stack([(query * w).sum(1) for w in windows], dim=1) * scale
-    # inference: write each channel in place, no list of 27 temporaries
-    out = torch.empty((query.shape[0], len(OFFSETS), d0, d1, d2), dtype=query.dtype, device=query.device)
-    for j, window in enumerate(windows):
-        torch.sum(query * window, dim=1, out=out[:, j])
-    return out.mul_(scale)
+    return window_dots(query, keys_padded, scale)
 
 
 def attention_displacement(logits: torch.Tensor) -> torch.Tensor:

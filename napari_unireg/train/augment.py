@@ -62,14 +62,18 @@ def _coarse_size(shape: Sequence[int], spacing: float) -> list[int]:
     return [max(2, int(math.ceil((n - 1) / max(spacing, 1.0))) + 1) for n in shape]
 
 
-def smooth_random_field(shape: Sequence[int], rng: np.random.Generator, amplitude: float, spacing: float, channels: int = 3):
+def smooth_random_field(
+    shape: Sequence[int], rng: np.random.Generator, amplitude: float, spacing: float, channels: int = 3
+):
     """``1×C×S`` smooth random field: uniform control values in [-amplitude, amplitude] every ``spacing`` voxels,
     trilinearly interpolated (``align_corners=True``) and lightly smoothed."""
     import torch
     import torch.nn.functional as F
 
     coarse = rng.uniform(-1.0, 1.0, size=(1, channels, *_coarse_size(shape, spacing))).astype(np.float32)
-    field = F.interpolate(torch.from_numpy(coarse) * float(amplitude), size=tuple(shape), mode="trilinear", align_corners=True)
+    field = F.interpolate(
+        torch.from_numpy(coarse) * float(amplitude), size=tuple(shape), mode="trilinear", align_corners=True
+    )
     return gaussian_blur(field, max(spacing / 4.0, 0.0)) if spacing >= 4 else field
 
 
@@ -95,7 +99,8 @@ def random_affine_disp(
     t = rng.uniform(-translate, translate, size=3)
     c = (np.asarray(shape, dtype=np.float64) - 1) / 2
     m = torch.tensor(a - np.eye(3), dtype=torch.float32)
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) - float(ci) for n, ci in zip(shape, c)], indexing="ij"))
+    axes = [torch.arange(n, dtype=torch.float32) - float(ci) for n, ci in zip(shape, c, strict=True)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
     u = torch.einsum("ij,j...->i...", m, grid) + torch.tensor(t, dtype=torch.float32).view(3, 1, 1, 1)
     return u.unsqueeze(0)
 
@@ -118,7 +123,12 @@ def random_spatial_disp(shape: Sequence[int], rng: np.random.Generator, cfg: Any
     u = None
     if rng.random() < getattr(cfg, "affine_prob", 0.0):
         u = random_affine_disp(
-            shape, rng, cfg.rotate_deg, cfg.scale, getattr(cfg, "shear", 0.0), getattr(cfg, "translate_vox", 0.0) / factor
+            shape,
+            rng,
+            cfg.rotate_deg,
+            cfg.scale,
+            getattr(cfg, "shear", 0.0),
+            getattr(cfg, "translate_vox", 0.0) / factor,
         )
     if cfg.deform_vox > 0 and rng.random() < getattr(cfg, "deform_prob", 1.0):
         d = smooth_random_field(shape, rng, cfg.deform_vox / factor, cfg.deform_spacing / factor)

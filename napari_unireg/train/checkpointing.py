@@ -41,8 +41,13 @@ def rng_state() -> dict[str, Any]:
     py = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": {"version": int(py[0]), "internal": [int(v) for v in py[1]], "gauss_next": py[2]},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -56,7 +61,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
     torch.set_rng_state(state["torch"].to(torch.uint8))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -120,10 +127,14 @@ def load_model_state(model: Any, state: dict[str, Any], where: str) -> None:
     unexpected = [k for k in got if k not in expected]
     if missing or unexpected:
         what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}"
-        raise UserError(f"{where} does not fit the model: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+        raise UserError(
+            f"{where} does not fit the model: {what} ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
     for k, v in expected.items():
         if tuple(got[k].shape) != tuple(v.shape):
-            raise UserError(f"{where} does not fit the model: {k!r} has shape {tuple(got[k].shape)}, expected {tuple(v.shape)}")
+            raise UserError(
+                f"{where} does not fit the model: {k!r} has shape {tuple(got[k].shape)}, expected {tuple(v.shape)}"
+            )
     model.load_state_dict({k: got[k].to(v.dtype) for k, v in expected.items()})
 
 
@@ -186,10 +197,14 @@ def init_from(model: Any, source: str, decoder: bool = True) -> dict[str, Any]:
     if len(copied_enc) != len(enc_keys):
         bad = next(k for k in enc_keys if k not in copied_enc)
         raise UserError(
-            f"--init-encoder: {source} does not hold a compatible encoder ({len(copied_enc)}/{len(enc_keys)} tensors fit;"
-            f" first mismatch {bad!r})"
+            f"--init-encoder: {source} does not hold a compatible encoder "
+            f"({len(copied_enc)}/{len(enc_keys)} tensors fit; first mismatch {bad!r})"
         )
     with torch.no_grad():
         model.load_state_dict({**target, **new})
-    return {"source": str(source), "encoder_tensors": len(copied_enc), "decoder_tensors": len(copied_dec),
-            "skipped": len(skipped)}
+    return {
+        "source": str(source),
+        "encoder_tensors": len(copied_enc),
+        "decoder_tensors": len(copied_dec),
+        "skipped": len(skipped),
+    }

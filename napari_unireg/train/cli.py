@@ -73,10 +73,17 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
     pairs = [
-        ("model", args.model), ("data.labels", args.labels),
-        ("data.val_pairs", args.val_pairs), ("steps", args.steps), ("device", args.device), ("amp", args.amp),
-        ("data.resolution", args.resolution), ("data.num_workers", args.workers), ("threads", args.threads),
-        ("seed", args.seed), ("init_encoder", args.init_encoder),
+        ("model", args.model),
+        ("data.labels", args.labels),
+        ("data.val_pairs", args.val_pairs),
+        ("steps", args.steps),
+        ("device", args.device),
+        ("amp", args.amp),
+        ("data.resolution", args.resolution),
+        ("data.num_workers", args.workers),
+        ("threads", args.threads),
+        ("seed", args.seed),
+        ("init_encoder", args.init_encoder),
     ]
     out = [(k, v) for k, v in pairs if v is not None]
     if args.data is not None:
@@ -130,12 +137,16 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 130 if result.interrupted else 0
     if result.interrupted:
-        print(f"stopped at step {result.step}/{result.total_steps}; continue with: unireg train --out {args.out} --resume")
+        print(
+            f"stopped at step {result.step}/{result.total_steps}; continue with: unireg train --out {args.out} --resume"
+        )
         return 130
     if result.exported:
         print(f"weights: {result.exported[0]}  (card {result.exported[1].name})")
     if result.best:
-        shown = ", ".join(f"{k} {result.best[k]:.4f}" for k in ("dice", "sim", "ndv", "sdlogj") if result.best.get(k) is not None)
+        shown = ", ".join(
+            f"{k} {result.best[k]:.4f}" for k in ("dice", "sim", "ndv", "sdlogj") if result.best.get(k) is not None
+        )
         print(f"best validation at step {result.best['step']}: {shown}")
     print(f"{result.step} steps in {result.wall_time / 60:.1f} min; run folder {Path(args.out).resolve()}")
     return 0
@@ -143,8 +154,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point (``python -m napari_unireg.train``, handy under ``torchrun``)."""
-    parser = argparse.ArgumentParser(prog="python -m napari_unireg.train", epilog=_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m napari_unireg.train", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _add_arguments(parser)
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["python", "-m", "napari_unireg.train", *(sys.argv[1:] if argv is None else argv)])

@@ -119,7 +119,9 @@ def _from_dataset_json(path: Path) -> tuple[list[Entry], list[tuple[str, str]] |
         entries.append(Entry(img, lab, subject_id(img)))
     val = None
     if isinstance(meta.get("registration_val"), list) and meta["registration_val"]:
-        val = [(str((root / p["fixed"]).resolve()), str((root / p["moving"]).resolve())) for p in meta["registration_val"]]
+        val = [
+            (str((root / p["fixed"]).resolve()), str((root / p["moving"]).resolve())) for p in meta["registration_val"]
+        ]
     return entries, val
 
 
@@ -139,9 +141,7 @@ def _from_folder(folder: Path, label_folder: str | None) -> list[Entry]:
         for p in _images_in(lf):
             labels.setdefault(p.name, str(p.resolve()))
             labels.setdefault(subject_id(p), str(p.resolve()))
-    return [
-        Entry(str(p.resolve()), labels.get(p.name) or labels.get(subject_id(p)), subject_id(p)) for p in images
-    ]
+    return [Entry(str(p.resolve()), labels.get(p.name) or labels.get(subject_id(p)), subject_id(p)) for p in images]
 
 
 def _read_pairs_file(path: Path) -> list[tuple[str, str]]:
@@ -152,7 +152,10 @@ def _read_pairs_file(path: Path) -> list[tuple[str, str]]:
             data = json.loads(path.read_text())
             items = data.get("registration_val", data) if isinstance(data, dict) else data
             try:
-                val = [(str((path.parent / p["fixed"]).resolve()), str((path.parent / p["moving"]).resolve())) for p in items]
+                val = [
+                    (str((path.parent / p["fixed"]).resolve()), str((path.parent / p["moving"]).resolve()))
+                    for p in items
+                ]
             except (TypeError, KeyError):
                 raise UserError(f"{path}: expected a 'registration_val' list of {{fixed, moving}}") from None
         return val
@@ -191,7 +194,7 @@ def _label_for(image: str) -> str | None:
     """Learn2Reg layout guess for an image outside the training list: imagesXx/ → labelsXx/."""
     p = Path(image)
     if p.parent.name.startswith("images"):
-        cand = p.parent.parent / ("labels" + p.parent.name[len("images"):]) / p.name
+        cand = p.parent.parent / ("labels" + p.parent.name[len("images") :]) / p.name
         if cand.is_file():
             return str(cand)
     return None
@@ -321,7 +324,9 @@ class PairPlan:
         self.synth_prob = float(synth_prob) if n_maps else 0.0
         self.n_maps = n_maps
         self.same_map_prob = same_map_prob
-        self.partners = [[j for j in range(n_images) if j != i and frozenset((i, j)) not in excluded] for i in range(n_images)]
+        self.partners = [
+            [j for j in range(n_images) if j != i and frozenset((i, j)) not in excluded] for i in range(n_images)
+        ]
         self.eligible = [i for i in range(n_images) if self.partners[i]]
         if not self.eligible and self.synth_prob < 1.0:
             raise UserError("no training pair is left once the validation pairs are excluded")
@@ -423,7 +428,9 @@ class VolumeLoader:
         h = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{kind}|{factor}|{self.grid_shape}".encode()).hexdigest()
         return self.cache_dir / f"{_strip(Path(path).name)}-{h[:16]}.npy"
 
-    def get(self, path: str, kind: str = "image", factor: int | None = None, ref_image: str | None = None) -> np.ndarray:
+    def get(
+        self, path: str, kind: str = "image", factor: int | None = None, ref_image: str | None = None
+    ) -> np.ndarray:
         """``kind`` 'image' (float32) or 'label' (integer, ``ref_image`` = its image); ``factor`` defaults to the
         training one."""
         factor = self.factor if factor is None else int(factor)
@@ -436,7 +443,9 @@ class VolumeLoader:
             arr = np.load(disk, mmap_mode="r")
         else:
             arr = load_model_grid(path, kind, self.grid_shape, ref_image)
-            arr = downsample_image(arr, factor).astype(np.float32) if kind == "image" else downsample_labels(arr, factor)
+            arr = (
+                downsample_image(arr, factor).astype(np.float32) if kind == "image" else downsample_labels(arr, factor)
+            )
             if disk is not None:
                 disk.parent.mkdir(parents=True, exist_ok=True)
                 tmp = disk.with_name(f".{disk.name}.{os.getpid()}.tmp.npy")

@@ -34,7 +34,19 @@ LAST = "last.pt"
 BEST = "best"
 LOG = "log.csv"
 VAL_LOG = "val.csv"
-LOG_FIELDS = ["step", "epoch", "loss", "sim", "reg", "dice_loss", "lr", "seconds", "data_seconds", "elapsed", "synthetic"]
+LOG_FIELDS = [
+    "step",
+    "epoch",
+    "loss",
+    "sim",
+    "reg",
+    "dice_loss",
+    "lr",
+    "seconds",
+    "data_seconds",
+    "elapsed",
+    "synthetic",
+]
 VAL_FIELDS = ["step", "epoch", "dice", "ndv", "sdlogj", "folded_pct", "sim", "n_pairs", "seconds", "best"]
 
 
@@ -218,8 +230,12 @@ def train_step(
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-    return {"loss": float(loss.detach()), "sim": float(sim.detach()), "reg": float(reg.detach()),
-            "dice_loss": float(dl.detach())}
+    return {
+        "loss": float(loss.detach()),
+        "sim": float(sim.detach()),
+        "reg": float(reg.detach()),
+        "dice_loss": float(dl.detach()),
+    }
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -248,8 +264,12 @@ def validate(model: Any, tset: TrainingSet, cfg: Config, device: Any, amp_dtype:
         for fe, me in pairs:
             fix_full = loader.get(fe.image, "image")
             mov_full = loader.get(me.image, "image")
-            fix = torch.from_numpy(np.ascontiguousarray(downsample_image(fix_full, factor), dtype=np.float32))[None, None]
-            mov = torch.from_numpy(np.ascontiguousarray(downsample_image(mov_full, factor), dtype=np.float32))[None, None]
+            fix = torch.from_numpy(np.ascontiguousarray(downsample_image(fix_full, factor), dtype=np.float32))[
+                None, None
+            ]
+            mov = torch.from_numpy(np.ascontiguousarray(downsample_image(mov_full, factor), dtype=np.float32))[
+                None, None
+            ]
             fix, mov = fix.to(device), mov.to(device)
             with torch.no_grad():
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -344,9 +364,11 @@ class _Logs:
             for k in ("dice", "ndv", "sdlogj", "sim"):
                 if row.get(k) is not None:
                     self.tb.add_scalar(f"val/{k}", row[k], row["step"])
-        msg = "val step {step}: ".format(**row) + ", ".join(
-            f"{k} {row[k]:.4f}" for k in ("dice", "sim", "ndv", "sdlogj") if row.get(k) is not None
-        ) + (" (best)" if row.get("best") else "")
+        msg = (
+            "val step {step}: ".format(**row)
+            + ", ".join(f"{k} {row[k]:.4f}" for k in ("dice", "sim", "ndv", "sdlogj") if row.get(k) is not None)
+            + (" (best)" if row.get("best") else "")
+        )
         self.write(msg)
 
     def write(self, msg: str) -> None:
@@ -407,7 +429,11 @@ def _resume_config(saved: dict[str, Any], cfg: Config, where: Path) -> Config:
         saved_cfg = config_from_dict(saved)
     except UserError as e:
         raise UserError(f"{where}: the saved config is not valid ({e})") from None
-    diff = [k for k in config_diff(saved_cfg, cfg) if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE_KEYS)]
+    diff = [
+        k
+        for k in config_diff(saved_cfg, cfg)
+        if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE_KEYS)
+    ]
     if diff:
         shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
         raise UserError(f"--resume: the config differs from the saved run in {shown}; resume without changing them")
@@ -432,8 +458,6 @@ def train(
     continues exactly where it stopped. ``on_step(step, terms)`` is called after every step; ``should_stop()``
     is polled after every step (True: save and stop, like SIGINT/SIGTERM).
     """
-    import torch
-
     _validate_cfg(cfg)
     dist = dist_utils.setup(cfg.device)
     try:
@@ -488,12 +512,14 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
     if state is not None and cfg.steps is None:
         plan.total_steps = max(plan.total_steps, int(state["step"]))
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, amsgrad=cfg.optim.amsgrad,
-                                 weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.optim.lr, amsgrad=cfg.optim.amsgrad, weight_decay=cfg.optim.weight_decay
+    )
     scheduler = None
     if cfg.optim.schedule == "cosine_restarts":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            optimizer, T_0=cfg.optim.T_0, T_mult=cfg.optim.T_mult, eta_min=cfg.optim.eta_min)
+            optimizer, T_0=cfg.optim.T_0, T_mult=cfg.optim.T_mult, eta_min=cfg.optim.eta_min
+        )
     amp_dtype = _amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -509,7 +535,9 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"{state_path}: optimiser state does not fit the model ({str(e).splitlines()[0]})") from None
+            raise UserError(
+                f"{state_path}: optimiser state does not fit the model ({str(e).splitlines()[0]})"
+            ) from None
         ckpt.set_rng_state(state["rng"])
         step = int(state["step"])
         best = state.get("best")
@@ -522,15 +550,18 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
         _apply_warmup(optimizer, cfg, 0)
 
     if dist.is_main:
-        save_config(cfg, out / "config.yaml", header=f"napari-unireg training run\ncommand: {command}" if command else "")
+        save_config(
+            cfg, out / "config.yaml", header=f"napari-unireg training run\ncommand: {command}" if command else ""
+        )
     net = model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    pair_plan = PairPlan(len(tset.entries), tset.excluded, cfg.data.seed, cfg.synth.prob, len(tset.label_maps),
-                         cfg.synth.same_map_prob)
+    pair_plan = PairPlan(
+        len(tset.entries), tset.excluded, cfg.data.seed, cfg.synth.prob, len(tset.label_maps), cfg.synth.same_map_prob
+    )
     vol_loader = VolumeLoader(cfg.data.grid_shape, factor, cfg.data.cache_size, cfg.data.cache_dir)
     want_labels = cfg.loss.dice_weight > 0
     dataset = PairDataset(tset, cfg, pair_plan, vol_loader, want_labels)
@@ -550,8 +581,10 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
             + (f" x{dist.world}" if dist.enabled else "")
         )
         if init_info:
-            logs.write(f"initialised from {init_info['source']}: {init_info['encoder_tensors']} encoder, "
-                       f"{init_info['decoder_tensors']} decoder tensors")
+            logs.write(
+                f"initialised from {init_info['source']}: {init_info['encoder_tensors']} encoder, "
+                f"{init_info['decoder_tensors']} decoder tensors"
+            )
     elif dist.is_main:
         logs.write(f"resuming at step {step}/{plan.total_steps}")
 
@@ -583,13 +616,21 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
             if res is not None:
                 score = res.get(metric)
                 is_best = _better(metric, score, None if best is None else best.get(metric))
-                row = {"step": step_now, "epoch": plan.epoch(step_now, cfg.optim.pairs_per_epoch), **res,
-                       "best": int(is_best)}
+                row = {
+                    "step": step_now,
+                    "epoch": plan.epoch(step_now, cfg.optim.pairs_per_epoch),
+                    **res,
+                    "best": int(is_best),
+                }
                 history.append({k: row[k] for k in ("step", "dice", "ndv", "sdlogj", "folded_pct", "sim")})
                 if is_best:
                     best = {**res, "step": step_now, "metric": metric}
-                    save_weights(model, out / BEST, {"name": cfg.model, "resolution": cfg.data.resolution,
-                                                     "metrics": best, "step": step_now}, dtype=torch.float32)
+                    save_weights(
+                        model,
+                        out / BEST,
+                        {"name": cfg.model, "resolution": cfg.data.resolution, "metrics": best, "step": step_now},
+                        dtype=torch.float32,
+                    )
                 logs.val(row)
         dist_utils.barrier(dist)
         return res
@@ -615,18 +656,33 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
                         t0 = time.perf_counter()
                         lr = optimizer.param_groups[0]["lr"]
                         terms = train_step(
-                            net, optimizer, m, f, lam=cfg.loss.lam, symmetric=symmetric, amp_dtype=amp_dtype,
-                            scaler=scaler, dice_weight=cfg.loss.dice_weight, moving_label=lm, fixed_label=lf,
+                            net,
+                            optimizer,
+                            m,
+                            f,
+                            lam=cfg.loss.lam,
+                            symmetric=symmetric,
+                            amp_dtype=amp_dtype,
+                            scaler=scaler,
+                            dice_weight=cfg.loss.dice_weight,
+                            moving_label=lm,
+                            fixed_label=lf,
                             grad_clip=cfg.optim.grad_clip,
                         )
                         if scheduler is not None:  # §9: after each step, with the position before it
                             scheduler.step(step * plan.pairs_per_step / ppe)
                         step += 1
                         _apply_warmup(optimizer, cfg, step)
-                        row = {"step": step, "epoch": plan.epoch(step, ppe), **terms, "lr": lr,
-                               "seconds": time.perf_counter() - t0 + data_s, "data_seconds": data_s,
-                               "elapsed": elapsed0 + time.perf_counter() - t_start,
-                               "synthetic": int(any(batch["synthetic"]))}
+                        row = {
+                            "step": step,
+                            "epoch": plan.epoch(step, ppe),
+                            **terms,
+                            "lr": lr,
+                            "seconds": time.perf_counter() - t0 + data_s,
+                            "data_seconds": data_s,
+                            "elapsed": elapsed0 + time.perf_counter() - t_start,
+                            "synthetic": int(any(batch["synthetic"])),
+                        }
                         data_s = 0.0
                         logs.step(row, write=step % max(1, cfg.log.log_every) == 0)
                         if on_step is not None:
@@ -657,11 +713,34 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
             last_val = run_validation(step)
         save(step)
         if dist.is_main:
-            exported = _export(model, cfg, out, tset, plan, step, best, last_val, history, command, dist,
-                               elapsed0 + time.perf_counter() - t_start, init_info)
+            exported = _export(
+                model,
+                cfg,
+                out,
+                tset,
+                plan,
+                step,
+                best,
+                last_val,
+                history,
+                command,
+                dist,
+                elapsed0 + time.perf_counter() - t_start,
+                init_info,
+            )
     dist_utils.barrier(dist)
-    return TrainResult(model, step, plan.total_steps, out, best, last_val, exported, interrupted,
-                       elapsed0 + time.perf_counter() - t_start, history)
+    return TrainResult(
+        model,
+        step,
+        plan.total_steps,
+        out,
+        best,
+        last_val,
+        exported,
+        interrupted,
+        elapsed0 + time.perf_counter() - t_start,
+        history,
+    )
 
 
 def _export(model, cfg, out, tset, plan, step, best, last_val, history, command, dist, wall, init_info):
@@ -697,9 +776,12 @@ def _export(model, cfg, out, tset, plan, step, best, last_val, history, command,
             "config": cfg.to_dict(),
             "data": tset.describe(),
             "validation_pairs_policy": (
-                "validation images dropped from training" if cfg.data.exclude_val_subjects else
-                "validation pairs (fixed, moving) never sampled for training in either direction; their images "
-                "are used in other pairs" if cfg.data.exclude_val_pairs else "validation pairs not excluded"
+                "validation images dropped from training"
+                if cfg.data.exclude_val_subjects
+                else "validation pairs (fixed, moving) never sampled for training in either direction; their images "
+                "are used in other pairs"
+                if cfg.data.exclude_val_pairs
+                else "validation pairs not excluded"
             ),
             "steps": step,
             "epochs": plan.epoch(step, cfg.optim.pairs_per_epoch),
@@ -714,7 +796,7 @@ def _export(model, cfg, out, tset, plan, step, best, last_val, history, command,
             "exported": which,
             "best_step": (best or {}).get("step"),
             "val_history": history,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "napari_unireg": __version__,
         },
     }

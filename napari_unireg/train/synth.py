@@ -20,15 +20,52 @@ __all__ = ["T1_MEANS", "background_codes", "paint", "synthesize_pair"]
 
 #: Rough T1w intensities (white matter = 1) of FreeSurfer aseg codes, jittered when painting.
 T1_MEANS: dict[int, float] = {
-    2: 1.0, 41: 1.0, 77: 0.85, 251: 1.0, 252: 1.0, 253: 1.0, 254: 1.0, 255: 1.0,  # cerebral WM
-    7: 0.95, 46: 0.95,  # cerebellum WM
-    3: 0.6, 42: 0.6, 8: 0.65, 47: 0.65,  # cortex, cerebellum cortex
-    4: 0.15, 43: 0.15, 5: 0.2, 44: 0.2, 14: 0.15, 15: 0.15, 72: 0.15, 24: 0.12,  # ventricles, CSF
-    9: 0.85, 48: 0.85, 10: 0.85, 49: 0.85,  # thalamus
-    11: 0.7, 50: 0.7, 12: 0.75, 51: 0.75, 13: 0.9, 52: 0.9,  # caudate, putamen, pallidum
-    16: 0.9, 28: 0.85, 60: 0.85, 85: 0.8,  # brainstem, ventral DC, optic chiasm
-    17: 0.62, 53: 0.62, 18: 0.65, 54: 0.65, 26: 0.7, 58: 0.7,  # hippocampus, amygdala, accumbens
-    30: 0.5, 62: 0.5, 31: 0.45, 63: 0.45,  # vessel, choroid plexus
+    2: 1.0,
+    41: 1.0,
+    77: 0.85,
+    251: 1.0,
+    252: 1.0,
+    253: 1.0,
+    254: 1.0,
+    255: 1.0,  # cerebral WM
+    7: 0.95,
+    46: 0.95,  # cerebellum WM
+    3: 0.6,
+    42: 0.6,
+    8: 0.65,
+    47: 0.65,  # cortex, cerebellum cortex
+    4: 0.15,
+    43: 0.15,
+    5: 0.2,
+    44: 0.2,
+    14: 0.15,
+    15: 0.15,
+    72: 0.15,
+    24: 0.12,  # ventricles, CSF
+    9: 0.85,
+    48: 0.85,
+    10: 0.85,
+    49: 0.85,  # thalamus
+    11: 0.7,
+    50: 0.7,
+    12: 0.75,
+    51: 0.75,
+    13: 0.9,
+    52: 0.9,  # caudate, putamen, pallidum
+    16: 0.9,
+    28: 0.85,
+    60: 0.85,
+    85: 0.8,  # brainstem, ventral DC, optic chiasm
+    17: 0.62,
+    53: 0.62,
+    18: 0.65,
+    54: 0.65,
+    26: 0.7,
+    58: 0.7,  # hippocampus, amygdala, accumbens
+    30: 0.5,
+    62: 0.5,
+    31: 0.45,
+    63: 0.45,  # vessel, choroid plexus
 }
 
 
@@ -107,7 +144,10 @@ def synthesize_pair(
         warped.append(lab)
     codes, inverse = np.unique(np.concatenate([w.reshape(-1).numpy() for w in warped]), return_inverse=True)
     n = warped[0].numel()
-    idx = [torch.from_numpy(inverse[:n].reshape(warped[0].shape)), torch.from_numpy(inverse[n:].reshape(warped[1].shape))]
+    idx = [
+        torch.from_numpy(inverse[:n].reshape(warped[0].shape)),
+        torch.from_numpy(inverse[n:].reshape(warped[1].shape)),
+    ]
     imgs = [paint(i, codes, rng, cfg, contrast) for i in idx]
     # shared contiguous label index for a Dice loss: background codes → 0, others 1..K
     bg = background_codes(codes, cfg.brain_only)

@@ -1,0 +1,244 @@
+"""Training speed and memory of the registration networks: optimiser steps per second and peak memory.
+
+Each measurement runs in a fresh subprocess (so peak memories do not mix): the network is built
+(``models.registry.build_model``), one warm-up step is taken, then ``--steps`` timed steps of
+``napari_unireg.train.loop.train_step`` (the §8 loss, symmetric for the inverse-consistent models; Adam with
+AMSGrad as ``unireg train``) on a synthetic pair of the chosen size: half (80×112×96) and full (160×224×192),
+on the CPU with ``--threads`` threads and on CUDA when present (``--device cuda``/``auto``).
+
+    python benchmarks/training.py                                   # six DP variants, half + full, CPU (slow!)
+    python benchmarks/training.py --models dp-conv-c dp-vfa --sizes half --steps 2 --threads 2
+    python benchmarks/training.py --device cuda --steps 10 --out bench/training_cuda.json
+    python benchmarks/training.py --models dp-conv-c vxm-package   # + the VoxelMorph package's network
+
+Reports seconds per step, steps per second, peak resident memory of the process (CPU) and peak allocated GPU
+memory (CUDA), as Markdown (stdout) and JSON (``--out``), with the machine named. Full-resolution training on
+a CPU takes minutes per step and tens of GB: on a small machine start with ``--sizes half --steps 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {"full": (160, 224, 192), "half": (80, 112, 96)}
+DP = ["dp-conv-mf", "dp-conv-mfc", "dp-conv-c", "dp-convic-mf", "dp-convic-c", "dp-vfa"]
+VXM_PACKAGE = "vxm-package"  # the VoxelMorph package's VxmPairwise with its own losses (peers.py)
+
+
+def _pair(shape, device):
+    """A smooth synthetic pair (two different random volumes, blurred by trilinear upsampling)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(2, 1, *[max(s // 8, 2) for s in shape], generator=g)
+    vols = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+    return vols[:1].to(device), vols[1:].to(device)
+
+
+def _our_step(model):
+    """A step function ``step(moving, fixed)`` for one of our networks: train_step when available, else the same
+    loss built from ``losses.registration_loss`` + Adam (train_step's contract)."""
+    import torch
+
+    symmetric = bool(getattr(model, "is_inverse_consistent", False))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
+    try:
+        from napari_unireg.train.loop import train_step
+    except ImportError:  # the training module is not there: same loss by hand
+        train_step = None
+
+    def step(moving, fixed):
+        if train_step is not None:
+            return train_step(model, opt, moving, fixed, lam=1.0, symmetric=symmetric)
+        from napari_unireg.losses import registration_loss
+
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        out = model(moving, fixed)
+        loss = registration_loss(fixed, moving, out if symmetric else out.disp, 1.0)
+        loss.backward()
+        opt.step()
+        return {"loss": float(loss.detach())}
+
+    return step
+
+
+def _vxm_step(device):
+    """The VoxelMorph package's network and loss (as peers.train_voxelmorph trains it)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers
+
+    with peers._quiet_imports():
+        import neurite as ne
+    model = peers.build_voxelmorph().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=peers.VXM_DEFAULTS["lr"])
+    ncc = ne.nn.modules.NCC(window_size=peers.VXM_DEFAULTS["window"])
+    grad = ne.nn.modules.SpatialGradient(penalty="l2")
+
+    def step(moving, fixed):
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        _, warped = model(moving, fixed, return_warped_source=True)
+        loss = -ncc(fixed, warped).mean() + peers.VXM_DEFAULTS["lam"] * grad(model.velocity)
+        loss.backward()
+        opt.step()
+        return {"loss": float(loss.detach())}
+
+    return model, step, 2 ** len(peers.VXM_DEFAULTS["nb_features"])
+
+
+def child(name: str, shape: tuple[int, int, int], device: str, threads: int, steps: int) -> dict:
+    """One measurement in this (fresh) process."""
+    import torch
+    import torch.nn.functional as F
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if name == VXM_PACKAGE:
+        model, step, multiple = _vxm_step(device)
+        n_params = sum(p.numel() for p in model.parameters())
+    else:
+        from napari_unireg.models.registry import build_model
+
+        model = build_model(name).to(device)
+        step = _our_step(model)
+        multiple = int(getattr(model, "grid_multiple", 16))
+        n_params = sum(p.numel() for p in model.parameters())
+    padded = tuple(s + (-s) % multiple for s in shape)  # as the engine pads to the network's multiple
+    moving, fixed = _pair(shape, device)
+    if padded != tuple(shape):
+        pad = [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]]
+        moving, fixed = F.pad(moving, pad), F.pad(fixed, pad)
+    step(moving, fixed)  # warm-up: allocator, kernel selection, lazy imports
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, cpu = [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        terms = step(moving, fixed)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    mean = sum(times) / len(times)
+    res = {
+        "model": name,
+        "shape": list(padded),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "seconds_per_step": mean,
+        "seconds_min": min(times),
+        "steps_per_second": 1.0 / mean if mean > 0 else None,
+        "cpu_seconds_per_step": sum(cpu) / len(cpu),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "load_avg": os.getloadavg()[0],
+        "params": n_params,
+        "loss": terms.get("loss"),
+    }
+    if device.startswith("cuda"):
+        res["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        res["gpu"] = torch.cuda.get_device_name(0)
+    return res
+
+
+def format_markdown(rows: list[dict], machine: dict) -> str:
+    """Markdown table of the measurements with the machine line."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from accuracy import machine_line
+
+    lines = ["# Training speed and memory", "", f"* Machine: {machine_line(machine)}", "",
+             "| model | grid | device | thr | s/step | steps/s | peak RSS GB | peak GPU GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['size']} | {r['device']} | – | FAILED: {r['error']} | | | |")
+            continue
+        gpu = f"{r['peak_gpu_gb']:.2f}" if r.get("peak_gpu_gb") is not None else "–"
+        lines.append(f"| {r['model']} | {'×'.join(map(str, r['shape']))} | {r['device']} | {r['threads']} | "
+                     f"{r['seconds_per_step']:.2f} | {r['steps_per_second']:.3f} | {r['peak_rss_gb']:.2f} | {gpu} |")
+    lines += ["", "Mean over the timed steps after one warm-up step; batch 1, fp32, Adam (AMSGrad); "
+              "peak RSS = the whole measuring process."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=DP, help=f"registry names, or {VXM_PACKAGE}")
+    p.add_argument("--sizes", nargs="+", default=["half", "full"], choices=sorted(SIZES))
+    p.add_argument("--shape", nargs=3, type=int, default=None, help="a custom grid instead of --sizes (smoke runs)")
+    p.add_argument("--device", nargs="+", default=["cpu"], help="cpu, cuda, auto (cuda when present); several ok")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per measurement before it is abandoned")
+    p.add_argument("--out", default=None, help="JSON report (the Markdown is printed)")
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "SHAPE", "DEVICE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        name, shape, device = args.child
+        print(json.dumps(child(name, tuple(int(s) for s in shape.split("x")), device, args.threads, args.steps)))
+        return 0
+    import torch
+
+    devices = []
+    for d in args.device:
+        if d == "auto":
+            d = "cuda" if torch.cuda.is_available() else "cpu"
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            print(f"# skipping {d}: CUDA is not available here", file=sys.stderr)
+            continue
+        if d not in devices:
+            devices.append(d)
+    sizes = {"custom": tuple(args.shape)} if args.shape else {s: SIZES[s] for s in args.sizes}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from accuracy import machine_info
+
+    torch.set_num_threads(args.threads)
+    machine = machine_info(args.threads, devices[-1] if devices else "cpu")
+    rows = []
+    for device in devices:
+        for size, shape in sizes.items():
+            for name in args.models:
+                cmd = [sys.executable, __file__, "--child", name, "x".join(map(str, shape)), device,
+                       "--threads", str(args.threads), "--steps", str(args.steps)]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    rows.append({"model": name, "size": size, "device": device, "error": f"timeout {args.timeout}s"})
+                    continue
+                if proc.returncode != 0:
+                    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    rows.append({"model": name, "size": size, "device": device, "error": err})
+                    print(f"# {name} {size} {device}: FAILED {err}", file=sys.stderr)
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                r["size"] = size
+                rows.append(r)
+                print(f"# {name} {size} {device}: {r['seconds_per_step']:.2f} s/step, "
+                      f"peak RSS {r['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
+    machine["load_avg_end"] = os.getloadavg()[0]
+    md = format_markdown(rows, machine)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Benchmark helpers: peer-field conversion (ITK LPS mm → our voxels), its verification, the report formatting.
+
+The peers themselves (Greedy, ANTs, VoxelMorph) are exercised on tiny synthetic volumes and skipped when their
+package is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import smooth_blob_volume
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+peers = pytest.importorskip("peers")
+accuracy = pytest.importorskip("accuracy")
+
+BOX = np.array([[1.0, 0, 0, -80], [0, 1, 0, -129], [0, 0, 1, -91], [0, 0, 0, 1]])
+# a stored LIA grid, 2 mm x 1 mm x 1.5 mm voxels: exercises axis permutation, flips and spacing
+LIA = np.array([[-2.0, 0, 0, 30], [0, 0, 1.5, -20], [0, -1.0, 0, 25], [0, 0, 0, 1]])
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _volume(tmp_path, data, affine, name="img.nii.gz"):
+    from napari_unireg.io import load_volume
+
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), str(path))
+    return load_volume(path, kind="image"), path
+
+
+def _smooth_field(shape, seed=1, amp=2.0):
+    from scipy.ndimage import gaussian_filter
+
+    r = np.random.default_rng(seed)
+    u = np.stack([gaussian_filter(r.standard_normal(shape), 3) for _ in range(3)])
+    return (amp * u / np.abs(u).max()).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- conversion
+def test_itk_translation_on_ras_box_is_minus_x_minus_y_plus_z(tmp_path):
+    fixed, _ = _volume(tmp_path, smooth_blob_volume((20, 24, 16)), BOX)
+    w = np.zeros((20, 24, 16, 1, 3), dtype=np.float32)
+    w[..., 0, :] = (1.5, -2.0, 0.75)  # LPS mm
+    u = peers.itk_to_vox(w, BOX, fixed)
+    assert u.shape == (3, 20, 24, 16)
+    np.testing.assert_allclose(u.reshape(3, -1).mean(1), (-1.5, 2.0, 0.75), atol=1e-6)
+    np.testing.assert_allclose(u.reshape(3, -1).std(1), 0, atol=1e-6)
+
+
+def test_itk_round_trip_with_io_on_ras_box(tmp_path):
+    """save_disp_itk (our writer) → load_itk_as_vox gives the field back; io.load_disp_itk agrees on RAS."""
+    from napari_unireg.io import load_disp_itk, save_disp_itk
+
+    fixed, _ = _volume(tmp_path, smooth_blob_volume((20, 24, 16)), BOX)
+    u = _smooth_field((20, 24, 16))
+    path = save_disp_itk(u, BOX, tmp_path / "w.nii.gz")
+    back = peers.load_itk_as_vox(path, fixed)
+    np.testing.assert_allclose(back, u, atol=1e-5)
+    stored, aff = load_disp_itk(path)
+    np.testing.assert_allclose(stored, u, atol=1e-5)
+    np.testing.assert_allclose(aff, BOX)
+
+
+def test_itk_round_trip_on_oblique_storage_order(tmp_path):
+    """A non-RAS, anisotropic stored grid: the field comes back in canonical voxel units and order."""
+    from napari_unireg.io import disp_to_original_orientation, save_disp_itk
+
+    fixed, _ = _volume(tmp_path, smooth_blob_volume((14, 18, 12)), LIA)
+    assert fixed.orientation == "LIA"
+    u = _smooth_field(fixed.shape)  # canonical voxels
+    path = save_disp_itk(disp_to_original_orientation(u, fixed), fixed.original_affine, tmp_path / "w.nii.gz")
+    back = peers.load_itk_as_vox(path, fixed)
+    np.testing.assert_allclose(back, u, atol=1e-5)
+    # physical check of one vector: RAS mm of the canonical displacement = LPS→RAS of the stored vector
+    stored = np.asanyarray(nib.load(str(path)).dataobj)[..., 0, :]
+    ras_mm = fixed.affine[:3, :3] @ u[:, 0, 0, 0]
+    corner = np.linalg.inv(fixed.original_affine) @ fixed.affine @ np.array([0, 0, 0, 1.0])
+    i, j, k = np.round(corner[:3]).astype(int)
+    np.testing.assert_allclose(stored[i, j, k] * (-1, -1, 1), ras_mm, atol=1e-5)
+
+
+def test_itk_field_on_another_grid_is_refused(tmp_path):
+    from napari_unireg.errors import UserError
+
+    fixed, _ = _volume(tmp_path, smooth_blob_volume((20, 24, 16)), BOX)
+    with pytest.raises(UserError, match="not on the fixed image grid"):
+        peers.itk_to_vox(np.zeros((20, 24, 15, 1, 3)), BOX, fixed)
+
+
+def test_verify_conversion_accepts_exact_and_rejects_wrong_sign():
+    moving = smooth_blob_volume((24, 28, 20))
+    u = _smooth_field(moving.shape, amp=3.0)
+    resliced = peers.warp_image(moving, u)
+    ok = peers.verify_conversion(u, moving, resliced, name="test")
+    assert ok["corr"] > 0.9999 and ok["residual"] < 1e-3
+    with pytest.raises(peers.ConversionError, match="conversion is wrong"):
+        peers.verify_conversion(-u, moving, resliced, name="test")
+
+
+# --------------------------------------------------------------------------------------------- report
+def _fake_per_pair():
+    row = lambda d, s: {"dice": d, "hd95": 3.0, "sdlogj": 0.05, "ndv": 0.0, "folded_pct": 0.0, "seconds": s}  # noqa: E731
+    return {
+        "0001_0002": {"ours": row(0.6, 2.0), "greedy": row(0.7, 40.0)},
+        "0003_0007": {"ours": row(0.8, 2.0), "greedy": row(float("nan"), 40.0)},
+    }
+
+
+def test_summary_ratios_and_markdown():
+    per_pair = _fake_per_pair()
+    order = ["ours", "greedy"]
+    summary = accuracy.summarize(per_pair, order)
+    assert summary["ours"]["dice"]["mean"] == pytest.approx(0.7)
+    assert summary["ours"]["dice"]["std"] == pytest.approx(0.1)
+    assert summary["greedy"]["dice"]["n"] == 1  # NaN skipped
+    ratios = accuracy.speed_ratios(per_pair, ["ours"], ["greedy"])
+    assert ratios["ours"]["greedy"]["ratio"] == pytest.approx(20.0)
+    report = {
+        "machine": {"cpu": "Test CPU", "logical_cores": 2, "threads": 2, "gpu": None, "load_avg_start": 1.0,
+                    "load_avg_end": 2.0},
+        "data": "dataset.json", "n_pairs": 2, "pairs": list(per_pair), "order": order, "summary": summary,
+        "speed_ratios": ratios, "skipped": {"ants": "not installed (pip install antspyx)"},
+        "conversion_checks": {"greedy": [{"corr": 0.99999, "residual": 1e-6, "max_abs_diff": 1e-6}]},
+        "commands": {"greedy": "greedy -d 3"},
+    }
+    md = accuracy.format_markdown(report)
+    assert "Test CPU, 2 logical cores, 2 threads, no GPU used" in md
+    assert "| method | Dice | HD95 (mm) | SDlogJ | NDV (%) | J≤0 (%) | s / pair |" in md
+    assert "| ours | 0.7000 ± 0.1000 |" in md
+    assert "| greedy | 0.7000 ± 0.0000 |" in md
+    assert "| ours | 2.0 | 40.0 | ×20.0 |" in md
+    assert "* ants: not installed (pip install antspyx)" in md
+    assert "greedy: correlation min 0.999990" in md
+
+
+def test_write_report_json_and_markdown(tmp_path):
+    per_pair = _fake_per_pair()
+    report = {"machine": {"cpu": "c", "logical_cores": 1, "threads": 1}, "data": "d", "n_pairs": 2,
+              "pairs": list(per_pair), "order": ["ours", "greedy"], "per_pair": per_pair,
+              "summary": accuracy.summarize(per_pair, ["ours", "greedy"])}
+    js, md = accuracy.write_report(report, tmp_path / "sub" / "r.json")
+    data = json.loads(js.read_text())  # strict JSON: NaN became null
+    assert data["per_pair"]["0003_0007"]["greedy"]["dice"] is None
+    assert md.suffix == ".md" and "| ours |" in md.read_text()
+    assert not any(isinstance(v, float) and math.isnan(v) for v in data["summary"]["greedy"]["dice"].values())
+
+
+def test_our_methods_expand_io_steps():
+    methods = accuracy.our_methods(["classical", "dp-vfa"], [0, 25])
+    names = [m["name"] for m in methods]
+    assert names[0] == "classical"  # classical runs once
+    assert any(n.startswith("dp-vfa + IO 25") for n in names) and len(names) == 3
+
+
+# --------------------------------------------------------------------------------------------- peers (optional)
+def _shifted_pair(tmp_path, shift=(1.5, -2.0, 1.0)):
+    from scipy.ndimage import shift as nd_shift
+
+    f = smooth_blob_volume((28, 32, 24), seed=3)
+    m = nd_shift(f, shift, order=1, mode="nearest")
+    fixed, fp = _volume(tmp_path, f, BOX, "f.nii.gz")
+    moving, mp = _volume(tmp_path, m, BOX, "m.nii.gz")
+    return fixed, moving, fp, mp
+
+
+@pytest.mark.skipif(not _installed("picsl_greedy"), reason="picsl-greedy not installed")
+def test_greedy_translation_and_conversion(tmp_path):
+    fixed, moving, fp, mp = _shifted_pair(tmp_path)
+    cmd = peers.GREEDY_COMMAND.replace("100x50x10", "20x10")
+    r = peers.run_greedy(str(fp), str(mp), fixed, tmp_path / "g", threads=1, command=cmd)
+    check = peers.verify_conversion(r.disp, moving.data, r.resliced, name="greedy")
+    assert check["corr"] > 0.999
+    np.testing.assert_allclose(r.disp[:, 8:-8, 8:-8, 8:-8].reshape(3, -1).mean(1), (1.5, -2.0, 1.0), atol=0.3)
+
+
+@pytest.mark.skipif(not _installed("ants"), reason="antspyx not installed")
+def test_ants_translation_and_conversion(tmp_path):
+    fixed, moving, fp, mp = _shifted_pair(tmp_path)
+    r = peers.run_ants(str(fp), str(mp), fixed, tmp_path / "a", threads=1, transform="SyN")
+    check = peers.verify_conversion(r.disp, moving.data, r.resliced, name="ants")
+    assert check["corr"] > 0.999
+    np.testing.assert_allclose(r.disp[:, 8:-8, 8:-8, 8:-8].reshape(3, -1).mean(1), (1.5, -2.0, 1.0), atol=0.4)
+
+
+@pytest.mark.skipif(not _installed("voxelmorph"), reason="voxelmorph not installed")
+def test_voxelmorph_field_is_our_convention(tmp_path):
+    """The package's own SpatialTransformer output is reproduced by our warp with its field (no conversion)."""
+    import torch
+
+    fixed, moving, _, _ = _shifted_pair(tmp_path)
+    torch.manual_seed(0)
+    model = peers.build_voxelmorph([4, 4, 4], 3)
+    with torch.no_grad():  # a non-trivial field: the default initialisation is ~identity
+        model.flow_layer.conv0.weight.normal_(0, 0.5)
+        model.flow_layer.conv0.bias.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    r = peers.run_voxelmorph(model.eval(), {"nb_features": [4, 4, 4]}, fixed, moving)
+    assert r.disp.shape == (3, *fixed.shape) and np.abs(r.disp).mean() > 0.3
+    assert peers.verify_conversion(r.extra["net_disp"], r.extra["net_moving"], r.resliced)["corr"] > 0.999
+
+
+@pytest.mark.skipif(not _installed("voxelmorph"), reason="voxelmorph not installed")
+def test_train_voxelmorph_two_steps(tmp_path):
+    from napari_unireg.train.config import load_config
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(3):
+        _volume(data, smooth_blob_volume((32, 32, 32), seed=i), BOX, f"s{i}.nii.gz")
+    cfg = load_config(None, [f"data.source={data}", "steps=2", "data.grid_shape=[32,32,32]", "data.num_workers=0",
+                             "device=cpu", "data.val_pairs=none"])
+    res = peers.train_voxelmorph(cfg, tmp_path / "vxm", nb_features=[4, 4, 4], integration_steps=3)
+    assert res["steps"] == 2
+    model, card = peers.load_voxelmorph(tmp_path / "vxm")
+    assert card["nb_features"] == [4, 4, 4] and card["steps"] == 2
