@@ -171,7 +171,8 @@ def our_methods(models: list[str] | None, io_steps: list[int]) -> list[dict[str,
     return out
 
 
-def run_ours(method: dict[str, Any], pair: dict[str, Any], device: str, prealign: str) -> tuple[np.ndarray, float, dict]:
+def run_ours(method: dict[str, Any], pair: dict[str, Any], device: str,
+             prealign: str) -> tuple[np.ndarray, float, dict]:
     """``(disp on the fixed canonical grid, seconds, engine seconds)`` for one of our methods."""
     from napari_unireg.engine import RegisterOptions, register_volumes
 
@@ -272,7 +273,8 @@ def format_markdown(report: dict[str, Any]) -> str:
             cells = []
             for p in peer_cols:
                 r = row.get(p)
-                cells += ([f"{r['peer_s']:.1f}", f"×{r['ratio']:.1f}" if r["ratio"] else "–"] if r else ["–", "–"])
+                ratio = f"×{r['ratio']:.1f}" if r and r["ratio"] else "–"
+                cells += [f"{r['peer_s']:.1f}", ratio] if r else ["–", "–"]
             lines.append(f"| {m} | {ours_s:.1f} | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("A ratio above 1 means our method is that many times faster than the peer on this machine.")

@@ -1,13 +1,14 @@
 """Inference speed and memory of the registration networks.
 
-Prints, per model, the seconds per registration of one pair at full (160×224×192) and half (80×112×96) size and
-the peak resident memory of a fresh process, the process CPU time and the 1-minute load average (the
-timings are only comparable on an otherwise idle machine) (each measurement runs in its own subprocess, so peaks do not mix),
-on CPU with the stated thread count, and on CUDA (peak GPU memory) when available.
+Prints, per model, the seconds per registration of one pair at full (160×224×192) and half (80×112×96) size,
+the process CPU time, the peak resident memory (each measurement runs in a fresh subprocess, so peaks do not
+mix) and the 1-minute load average (wall times are only comparable on an otherwise idle machine; the CPU time
+of a 1-thread run is the robust measure of work). CPU with the stated thread count, then CUDA (peak GPU memory)
+when available.
 
     python benchmarks/inference.py                                  # the six DP variants, half + full, CPU
     python benchmarks/inference.py --models dp-vfa dp-convic-c --sizes half --threads 2
-    python benchmarks/inference.py --device cuda
+    python benchmarks/inference.py --device cuda --sizes full
 
 Untrained networks start near the identity, which makes the inverse-consistent models unrealistically fast (the
 fixed-point inversions stop after 2 iterations). Unless bundled weights exist, the flow heads are therefore
@@ -54,7 +55,7 @@ def _model(name: str, head_std: float, device: str):
     with torch.no_grad():
         for h in heads:
             h.weight.normal_(0, head_std)
-    return model.to(device).eval(), f"random (head σ={head_std:g})"
+    return model.to(device).eval(), f"random (head σ={head_std:g})" if heads else "random init"
 
 
 def child(name: str, size: str, device: str, threads: int, repeats: int, head_std: float) -> dict:
@@ -101,36 +102,42 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DP)
     p.add_argument("--sizes", nargs="+", default=["half", "full"], choices=sorted(SIZES))
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="all: CPU, then CUDA if available")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--head-std", type=float, default=2e-3)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    device = args.device
-    if device == "auto":
+    if args.child:
+        print(json.dumps(child(args.models[0], args.sizes[0], args.device, args.threads, args.repeats, args.head_std)))
+        return
+    devices = [args.device] if args.device != "all" else ["cpu"]
+    if args.device == "all":
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.child:
-        print(json.dumps(child(args.models[0], args.sizes[0], device, args.threads, args.repeats, args.head_std)))
+        devices += ["cuda"] if torch.cuda.is_available() else []
+    threads = args.threads or "torch default"
+    for device in devices:
+        print(f"# {device}: cpu cores visible {os.cpu_count()}, intra-op threads requested: {threads}")
+        print(f"{'model':<14} {'size':<5} {'thr':>3} {'s/pair':>8} {'cpu s':>7} {'peak RSS GB':>11} "
+              f"{'peak GPU GB':>11} {'load':>5}  weights")
+        for size in args.sizes:
+            for name in args.models:
+                _run_one(name, size, device, args)
+
+
+def _run_one(name: str, size: str, device: str, args) -> None:
+    cmd = [sys.executable, __file__, "--child", "--models", name, "--sizes", size, "--device", device,
+           "--threads", str(args.threads), "--repeats", str(args.repeats), "--head-std", str(args.head_std)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{name:<14} {size:<5} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
         return
-    print(f"# cpu cores visible: {os.cpu_count()}, threads requested: {args.threads or 'torch default'}, device {device}")
-    print(f"{'model':<14} {'size':<5} {'thr':>3} {'s/pair':>8} {'cpu s':>7} {'peak RSS GB':>11} {'peak GPU GB':>11} "
-          f"{'load':>5}  weights")
-    for size in args.sizes:
-        for name in args.models:
-            cmd = [sys.executable, __file__, "--child", "--models", name, "--sizes", size, "--device", device,
-                   "--threads", str(args.threads), "--repeats", str(args.repeats), "--head-std", str(args.head_std)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{name:<14} {size:<5} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            gpu = f"{r['peak_gpu_gb']:.2f}" if "peak_gpu_gb" in r else "-"
-            print(f"{name:<14} {size:<5} {r['threads']:>3} {r['seconds']:>8.2f} {r['cpu_seconds']:>7.1f} "
-                  f"{r['peak_rss_gb']:>11.2f} {gpu:>11} {r['load_avg']:>5.1f}  {r['weights']}, "
-                  f"max|u| {r['max_disp_vox']:.1f} vox", flush=True)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    gpu = f"{r['peak_gpu_gb']:.2f}" if "peak_gpu_gb" in r else "-"
+    print(f"{name:<14} {size:<5} {r['threads']:>3} {r['seconds']:>8.2f} {r['cpu_seconds']:>7.1f} "
+          f"{r['peak_rss_gb']:>11.2f} {gpu:>11} {r['load_avg']:>5.1f}  {r['weights']}, "
+          f"max|u| {r['max_disp_vox']:.1f} vox", flush=True)
 
 
 if __name__ == "__main__":

@@ -158,12 +158,12 @@ def _predict(model, fixed_t, moving_t, resolution: str, device, amp: bool):
     import torch
     import torch.nn.functional as F
 
-    from .spatial import resize_flow
+    from .spatial import resize_flow, upsample_pooled_flow
 
     shape = tuple(fixed_t.shape[2:])
     f, m = fixed_t, moving_t
     if resolution == "half":
-        f, m = F.avg_pool3d(f, 2), F.avg_pool3d(m, 2)
+        f, m = F.avg_pool3d(f, 2, ceil_mode=True), F.avg_pool3d(m, 2, ceil_mode=True)
     multiple = getattr(model, "grid_multiple", 16)
     pads = [(-s) % multiple for s in f.shape[2:]]
     if any(pads):  # pad to the network's multiple, crop the field afterwards
@@ -175,10 +175,13 @@ def _predict(model, fixed_t, moving_t, resolution: str, device, amp: bool):
     crop = (slice(None), slice(None)) + tuple(slice(0, s - p) for s, p in zip(f.shape[2:], pads))
     disp = out.disp.float()[crop]
     inverse = out.inverse.float()[crop] if out.inverse is not None else None
-    disp = resize_flow(disp, shape)
-    if inverse is not None:
-        inverse = resize_flow(inverse, shape)
-    return disp, inverse
+    factor = 2 if resolution == "half" else 1
+
+    def to_full(u):
+        u = upsample_pooled_flow(u, factor)
+        return resize_flow(u, shape) if tuple(u.shape[2:]) != shape else u  # odd sizes: ceil-pooled grid
+
+    return to_full(disp), None if inverse is None else to_full(inverse)
 
 
 # ----------------------------------------------------------------------------------------------------- main path
@@ -232,7 +235,7 @@ def register_volumes(
         report("prealign", 0.0)
         try:
             result = affine_prealign(fixed.data, moving.data, fixed.affine, moving.affine, should_stop=should_stop,
-                                     progress=lambda f: report("prealign", f))
+                                     progress=lambda _stage, f: report("prealign", f))
         except InterruptedError:
             raise Cancelled() from None
         matrix = np.asarray(result.matrix, dtype=np.float64)

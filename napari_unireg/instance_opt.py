@@ -14,11 +14,22 @@ import torch
 import torch.nn.functional as F
 
 from .engine_types import Cancelled
-from .spatial import resize_flow, warp
+from .spatial import resize_flow, upsample_pooled_flow, warp
 
 
 def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x if factor == 1 else F.avg_pool3d(x, factor, stride=factor, ceil_mode=True)
+
+
+def _field_down(u: torch.Tensor, factor: int) -> torch.Tensor:
+    """A full-grid field on the pooled grid (same pooled-centre geometry as the images), pooled voxel units."""
+    return _pool(u, factor) / factor
+
+
+def _field_up(u: torch.Tensor, factor: int, shape) -> torch.Tensor:
+    """A pooled-grid field back on the full grid (exact centre geometry; resized when pooling rounded up)."""
+    u = upsample_pooled_flow(u, factor)
+    return u if tuple(u.shape[2:]) == tuple(shape) else resize_flow(u, shape)
 
 
 def optimise_level(
@@ -72,13 +83,12 @@ def instance_optimise(
     # The 9³ similarity window needs a few windows per axis: drop levels that would be too coarse.
     factors = [f for f in factors if min(shape) // f >= 16] or [1]
     full = init_disp if init_disp is not None else torch.zeros(1, 3, *shape, device=fixed.device, dtype=fixed.dtype)
-    correction = None
+    correction = None  # on the full grid
     n_levels = len(factors)
     for level, factor in enumerate(factors):
         f_l, m_l = _pool(fixed, factor), _pool(moving, factor)
-        grid = tuple(f_l.shape[2:])
-        base = resize_flow(full, grid)
-        start = base if correction is None else base + resize_flow(correction, grid)
+        base = _field_down(full, factor)
+        start = base if correction is None else base + _field_down(correction, factor)
 
         def level_progress(frac: float, level: int = level) -> None:
             if progress is not None:
@@ -86,5 +96,5 @@ def instance_optimise(
 
         with torch.enable_grad():
             result = optimise_level(f_l, m_l, start, steps, lam, lr, level_progress, should_stop)
-        correction = result - base
-    return full + resize_flow(correction, shape)
+        correction = _field_up(result - base, factor, shape)
+    return full + correction

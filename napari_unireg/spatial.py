@@ -30,6 +30,7 @@ __all__ = [
     "upsample_flow",
     "resize_flow",
     "integrate_velocity",
+    "upsample_pooled_flow",
 ]
 
 
@@ -101,6 +102,18 @@ def resize_flow(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     ratios = [(o - 1) / max(i - 1, 1) for o, i in zip(shape, u.shape[2:])]
     scale = torch.tensor(ratios, device=u.device, dtype=u.dtype).view(1, 3, 1, 1, 1)
     return F.interpolate(u, size=shape, mode="trilinear", align_corners=True) * scale
+
+
+def upsample_pooled_flow(u: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """A field predicted on an ``avg_pool3d(·, factor)`` grid → the full grid, with exact voxel geometry.
+
+    Pooled voxel ``i`` is the mean of full voxels ``factor·i … factor·i + factor − 1``, so its centre sits at
+    full coordinate ``factor·i + (factor − 1)/2``: trilinear ``align_corners=False`` resampling does exactly
+    that mapping (border values beyond the outer centres) and the values scale by ``factor``.
+    """
+    if factor == 1:
+        return u
+    return F.interpolate(u, scale_factor=factor, mode="trilinear", align_corners=False) * factor
 
 
 def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:

@@ -112,7 +112,9 @@ def test_verify_conversion_accepts_exact_and_rejects_wrong_sign():
 
 # --------------------------------------------------------------------------------------------- report
 def _fake_per_pair():
-    row = lambda d, s: {"dice": d, "hd95": 3.0, "sdlogj": 0.05, "ndv": 0.0, "folded_pct": 0.0, "seconds": s}  # noqa: E731
+    def row(d, s):
+        return {"dice": d, "hd95": 3.0, "sdlogj": 0.05, "ndv": 0.0, "folded_pct": 0.0, "seconds": s}
+
     return {
         "0001_0002": {"ours": row(0.6, 2.0), "greedy": row(0.7, 40.0)},
         "0003_0007": {"ours": row(0.8, 2.0), "greedy": row(float("nan"), 40.0)},

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from napari_unireg.inversion import AndersonOptions, anderson_solve, invert_displacement, inversion_residual
 from napari_unireg.spatial import compose
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The CI box is shared: one intra-op thread is much faster for these tiny tensors."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def smooth_field(shape, amplitude, seed=0, dtype=torch.float32, batch=1):

@@ -29,18 +29,18 @@ STEPS = int(os.environ.get("UNIREG_SCREENSHOT_STEPS", "12"))
 
 
 def _save_window(viewer, name: str) -> Path:
-    from qtpy.QtWidgets import QApplication
+    from qtpy.QtTest import QTest
 
-    QApplication.processEvents()
+    QTest.qWait(200)  # let the views refit after dock changes
     path = OUT / name
     viewer.screenshot(str(path), canvas_only=False, flash=False)
     return path
 
 
 def _save_widget(widget, name: str) -> Path:
-    from qtpy.QtWidgets import QApplication
+    from qtpy.QtTest import QTest
 
-    QApplication.processEvents()
+    QTest.qWait(200)
     path = OUT / name
     widget.grab().save(str(path))
     return path

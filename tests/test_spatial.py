@@ -118,3 +118,17 @@ def test_warp_is_differentiable_and_broadcasts_batch():
 def test_warp_rejects_grid_mismatch():
     with pytest.raises(ValueError, match="grid"):
         warp(_ramp(), torch.zeros(1, 3, 4, 4, 4))
+
+
+def test_upsample_pooled_flow_matches_pooled_geometry():
+    from napari_unireg.spatial import upsample_pooled_flow
+
+    # A linear field on the full grid, pooled by 2, then brought back: exact away from the outer half voxel.
+    shape = (16, 12, 10)
+    g = identity_grid(shape)
+    u = torch.stack([0.1 * g[0] + 1.0, -0.05 * g[1], 0.02 * g[2] + 0.5])[None]
+    pooled = torch.nn.functional.avg_pool3d(u, 2) / 2  # half-grid voxel units
+    back = upsample_pooled_flow(pooled, 2)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+    assert back.shape == u.shape
+    assert torch.allclose(back[inner], u[inner], atol=1e-5)

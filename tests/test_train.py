@@ -150,6 +150,9 @@ def test_discover_folder_with_csv_pairs(dataset, tmp_path):
     )
     assert len(tset.entries) == 4 and tset.entries[2].label.endswith("T_0003_0000.nii.gz")
     assert tset.excluded == {frozenset((2, 3))}
+    from_json = discover(tc.DataConfig(source=str(dataset.parent / "imagesTr"), val_pairs=str(dataset)))
+    assert [(f.id, m.id) for f, m in from_json.val_pairs] == [("0001", "0002")]
+    assert from_json.excluded == {frozenset((0, 1))}
 
 
 def test_missing_files_and_bad_dataset_raise_user_errors(dataset, tmp_path):
@@ -266,6 +269,26 @@ def test_symmetric_step_for_inverse_consistent_model(dataset, tmp_path):
     assert res.step == 2 and len(rows) == 3
     card = json.loads((tmp_path / "ic" / "final.json").read_text())
     assert card["training"]["directions"] == "symmetric" and card["training"]["directed_pairs"] == 4
+
+
+def test_synthetic_pairs_dice_loss_and_bf16_autocast(dataset, tmp_path):
+    from napari_unireg.train.loop import train
+
+    cfg = _cfg(
+        dataset,
+        ("steps", 4),
+        ("amp", "bf16"),
+        ("loss.dice_weight", 1.0),
+        ("synth.prob", 0.5),
+        ("synth.use_dataset_labels", True),
+        ("data.seed", 1),
+    )
+    res = train(cfg, tmp_path / "run")
+    rows = [r.split(",") for r in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
+    assert res.step == 4 and len(rows) == 4
+    assert {r[-1] for r in rows} == {"0", "1"}  # both real and synthetic pairs were drawn
+    assert all(float(r[5]) > 0 for r in rows)  # the Dice term ran on real and synthetic pairs
+    assert all(np.isfinite(float(r[2])) for r in rows)
 
 
 # ----------------------------------------------------------------------------------------------- resume

@@ -34,7 +34,8 @@ DIFFERENCE_RANGE = (-0.3, 0.3)
 
 
 def display_range(img: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[float, float]:
-    """Robust intensity range (percentiles of the non-zero voxels; the whole image when all are zero)."""
+    """Robust intensity range: percentiles of the non-zero voxels (the whole image when all are zero), with
+    the lower end at 0 for non-negative images."""
     a = np.asarray(img)
     # subsample big volumes: percentiles of every 4th voxel are indistinguishable and 60x cheaper
     flat = a.reshape(-1)[:: max(1, a.size // 2_000_000)]
@@ -45,6 +46,10 @@ def display_range(img: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[f
     p0, p1 = np.percentile(src.astype(np.float32), [lo, hi])
     if not np.isfinite(p0) or not np.isfinite(p1):
         return 0.0, 1.0
+    if float(flat.min()) >= 0.0:
+        # non-negative MRI: keep 0 as black. The lower percentile of the non-zero voxels depends on how many
+        # faint edge voxels a resampling made (warped vs fixed), which would offset their difference map.
+        p0 = 0.0
     if p1 <= p0:
         p1 = p0 + 1.0
     return float(p0), float(p1)

@@ -31,7 +31,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSizePolicy,
-    QSplitter,
     QVBoxLayout,
     QWidget,
 )
@@ -145,6 +144,11 @@ class OrthoView(QWidget):
         #: refit the slice to the canvas on resize until the user zooms or pans this view
         self.auto_fit = True
         self.model.mouse_wheel_callbacks.append(self._on_wheel)
+        self._fit_timer = QTimer(self)
+        self._fit_timer.setSingleShot(True)
+        self._fit_timer.setInterval(30)
+        self._fit_timer.timeout.connect(self._fit_if_alive)
+        self.qt_viewer.canvas.native.installEventFilter(self)
 
         self.title = QLabel(PLANE_NAMES[axis])
         self.title.setStyleSheet("font-weight: bold;")
@@ -163,15 +167,14 @@ class OrthoView(QWidget):
         head = QHBoxLayout()
         head.addWidget(self.title)
         head.addStretch(1)
-        head.addWidget(self.side["top"])
-        head.addStretch(1)
         head.addWidget(self.position)
         grid.addLayout(head, 0, 0, 1, 3)
-        grid.addWidget(self.side["left"], 1, 0)
-        grid.addWidget(self.qt_viewer, 1, 1)
-        grid.addWidget(self.side["right"], 1, 2)
-        grid.addWidget(self.side["bottom"], 2, 1)
-        grid.setRowStretch(1, 1)
+        grid.addWidget(self.side["top"], 1, 1)
+        grid.addWidget(self.side["left"], 2, 0)
+        grid.addWidget(self.qt_viewer, 2, 1)
+        grid.addWidget(self.side["right"], 2, 2)
+        grid.addWidget(self.side["bottom"], 3, 1)
+        grid.setRowStretch(2, 1)
         grid.setColumnStretch(1, 1)
         self.setMinimumSize(160, 160)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
@@ -195,11 +198,11 @@ class OrthoView(QWidget):
         """Frame the data in this view."""
         self.model.reset_view()
 
-    def resizeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
-        super().resizeEvent(event)
-        if self.auto_fit and self.qt_viewer is not None:
-            # after the layout pass, when the canvas has its new size
-            QTimer.singleShot(0, self._fit_if_alive)
+    def eventFilter(self, obj: Any, ev: Any) -> bool:  # noqa: N802 (Qt name)
+        # the canvas got a new size: refit once napari has taken the size in (debounced)
+        if ev.type() == QEvent.Type.Resize and self.auto_fit:
+            self._fit_timer.start()
+        return False
 
     def _fit_if_alive(self) -> None:
         if self.qt_viewer is not None and self.auto_fit:
@@ -218,6 +221,9 @@ class OrthoView(QWidget):
         """Close the canvas and hand the QtViewer back to Python so it is freed now, not at Qt's deferred
         deletion (napari's test fixture fails on any QtViewer left alive after the viewer closes)."""
         qt_viewer, self.qt_viewer = self.qt_viewer, None
+        self._fit_timer.stop()
+        with contextlib.suppress(Exception):
+            qt_viewer.canvas.native.removeEventFilter(self)
         with contextlib.suppress(Exception):
             self.model.layers.clear()
         if qt_viewer is not None:
@@ -267,32 +273,43 @@ class OrthoViewsWidget(QWidget):
         self.cmb_conv.setToolTip("Left-right convention of the coronal and axial views")
         self.btn_reset = QPushButton("reset")
         self.btn_reset.setToolTip("Frame the data in every view")
+        self.cmb_layout = QComboBox()
+        self.cmb_layout.addItems(["grid", "column", "row"])
+        self.cmb_layout.setToolTip("Arrangement of the three planes")
         self.cmb_main = QComboBox()
         self.cmb_main.addItems(["main view: as is", "main view: sagittal", "main view: coronal", "main view: axial"])
         self.cmb_main.setToolTip("Show this plane, upright and labelled the same way, in the main viewer")
 
-        top = QHBoxLayout()
-        for w in (self.chk_cross, self.chk_follow, self.cmb_conv, self.btn_reset):
-            top.addWidget(w)
-        top.addStretch(1)
-        self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.views = [OrthoView(a, self.radiological) for a in range(3)]
-        for v in self.views:
-            self.splitter.addWidget(v)
         self.lbl_point = QLabel("")
         self.lbl_point.setToolTip("The shared point, RAS millimetres")
+        self.lbl_point.setWordWrap(True)
+        # controls fill the fourth cell of the 2×2 grid: the three planes get the room
+        self.controls = QWidget()
+        ctl = QVBoxLayout(self.controls)
+        ctl.setContentsMargins(4, 4, 4, 4)
+        row = QHBoxLayout()
+        row.addWidget(self.cmb_layout)
+        row.addWidget(self.btn_reset)
+        ctl.addLayout(row)
+        for w in (self.chk_cross, self.chk_follow, self.cmb_conv, self.cmb_main, self.lbl_point):
+            ctl.addWidget(w)
+        ctl.addStretch(1)
+        self.grid = QGridLayout()
+        self.grid.setContentsMargins(0, 0, 0, 0)
+        self.grid.setSpacing(4)
+        self.arrangement = ""
+        self.set_orientation("grid")
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
-        lay.addLayout(top)
-        lay.addWidget(self.cmb_main)
-        lay.addWidget(self.splitter, 1)
-        lay.addWidget(self.lbl_point)
+        lay.addLayout(self.grid, 1)
 
         self.chk_cross.toggled.connect(self._update_crosshairs)
         self.chk_follow.toggled.connect(self._set_follow)
         self.cmb_conv.currentIndexChanged.connect(lambda i: self.set_radiological(i == 0))
         self.btn_reset.clicked.connect(self.reset_views)
+        self.cmb_layout.currentTextChanged.connect(self.set_orientation)
         self.cmb_main.currentIndexChanged.connect(self._orient_main)
 
         # mirrors of the current layers, then follow the main viewer
@@ -358,7 +375,10 @@ class OrthoViewsWidget(QWidget):
     # chain re-targets the watch, a Close of the top-level window cleans up.
     def event(self, ev: Any) -> bool:
         if ev.type() == QEvent.Type.ParentChange and not self._closed:
-            self._rewatch()
+            if self.parentWidget() is None and self._watched:
+                self.cleanup()  # taken out of its dock (viewer.window.remove_dock_widget): we are done
+            else:
+                self._rewatch()
         return super().event(ev)
 
     def _unwatch(self) -> None:
@@ -634,14 +654,45 @@ class OrthoViewsWidget(QWidget):
         self.viewer.reset_view()
 
     def set_orientation(self, orientation: str) -> None:
-        """'column' (stacked, for a side dock) or 'row' (side by side, for a bottom dock)."""
-        self.splitter.setOrientation(
-            Qt.Orientation.Horizontal if orientation == "row" else Qt.Orientation.Vertical
-        )
+        """Arrange the planes: 'grid' (2×2 with the controls in the fourth cell, the default), 'column' (stacked,
+        for a narrow dock) or 'row' (side by side, for a bottom dock)."""
+        if orientation not in ("grid", "column", "row"):
+            raise ValueError(f"orientation must be grid, column or row, not {orientation!r}")
+        for w in (*self.views, self.controls):
+            self.grid.removeWidget(w)
+        for i in range(4):
+            self.grid.setRowStretch(i, 0)
+            self.grid.setColumnStretch(i, 0)
+        if orientation == "grid":
+            cells = [(0, 0), (0, 1), (1, 0)]
+            self.grid.addWidget(self.controls, 1, 1)
+        elif orientation == "column":
+            cells = [(0, 0), (1, 0), (2, 0)]
+            self.grid.addWidget(self.controls, 3, 0)
+        else:
+            cells = [(0, 0), (0, 1), (0, 2)]
+            self.grid.addWidget(self.controls, 0, 3)
+        for v, (r, c) in zip(self.views, cells):
+            self.grid.addWidget(v, r, c)
+            self.grid.setRowStretch(r, 1)
+            self.grid.setColumnStretch(c, 1)
+        self.arrangement = orientation
 
     def snapshot(self, path: str | None = None) -> Any:
-        """Image of the three views (QImage); written to ``path`` (PNG) when given."""
-        img = self.splitter.grab().toImage()
+        """The three planes side by side as one QImage (controls left out); written to ``path`` when given."""
+        from qtpy.QtGui import QImage, QPainter
+
+        grabs = [v.grab().toImage() for v in self.views]
+        w = sum(g.width() for g in grabs)
+        h = max(g.height() for g in grabs)
+        img = QImage(w, h, QImage.Format.Format_RGB32)
+        img.fill(0)
+        painter = QPainter(img)
+        x = 0
+        for g in grabs:
+            painter.drawImage(x, 0, g)
+            x += g.width()
+        painter.end()
         if path:
             img.save(str(path))
         return img

@@ -419,15 +419,19 @@ class RegisterWidget(QWidget):
             self._pbar = None
 
     def _on_progress(self, stage: str, fraction: float) -> None:
+        if not self.busy:  # a late message after the run ended
+            return
         value = int(round(1000 * overall_fraction(stage, fraction, self._refinement)))
         self.progress_bar.setValue(value)
         text = STAGE_TEXT.get(stage, stage)
         if not self._stop.is_set():
             self._set_status(f"{text} … {int(round(100 * fraction))}%")
-        if self._pbar is not None:
-            self._pbar.set_description(f"UniReg: {text}")
-            if value > self._pbar_n:
-                self._pbar.update(value - self._pbar_n)
+        pbar = self._pbar
+        if pbar is not None:
+            # napari's progress may process events while updating: the run can finish (and close the bar) inside
+            pbar.set_description(f"UniReg: {text}")
+            if value > self._pbar_n and self._pbar is pbar:
+                pbar.update(value - self._pbar_n)
                 self._pbar_n = value
 
     def _set_status(self, text: str, error: bool = False) -> None:

@@ -72,9 +72,14 @@ def build(run: Run, kind: str, *, grid_spacing: int = 8, grid_width: int = 1, ti
     if kind == "grid":
         grids = L.warped_grids(res.disp_native, grid_spacing, grid_width)
         meta = _meta(run, kind, per_axis=grids, spacing=grid_spacing, width=grid_width)
-        # the axial grid first; the Inspect widget swaps in the one across the displayed slicing axis
+        # the axial grid first; show.update_grids swaps in the one across the displayed slicing axis.
+        # Dark lines over whatever is below (gray_r + minimum blending: 0 -> white, no change; 255 -> black): anatomy
+        # stays readable, unlike white additive lines on a bright brain.
         return [
-            _image(run, kind, grids[2], colormap="gray", contrast_limits=(0, 255), blending="additive", metadata=meta)
+            _image(
+                run, kind, grids[2], colormap="gray_r", contrast_limits=(0, 255), blending="minimum",
+                metadata=meta,
+            )
         ]
     if kind == "jacobian":
         jac = np.asarray(res.jacobian, dtype=np.float32)

@@ -19,7 +19,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 class RegistrationModel(nn.Module):
-    """``model(moving, fixed) -> RegistrationOutput``; tensors ``B×1×D0×D1×D2``, dims divisible by ``grid_multiple``.
+    """``model(moving, fixed) -> RegistrationOutput``; inputs ``B×1×D0×D1×D2``, dims multiples of ``grid_multiple``.
 
     Subclasses set ``name``, ``family``, ``is_inverse_consistent`` and ``grid_multiple``, store their constructor
     arguments in ``self.config`` (JSON-able: ``build_model(name, **config)`` rebuilds the same architecture) and
@@ -58,8 +58,13 @@ class RegistrationModel(nn.Module):
             )
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:  # noqa: D102
+        from .fastops import clear_cache
+
         self.check_inputs(moving, fixed)
-        return self._forward(moving, fixed)
+        try:
+            return self._forward(moving, fixed)
+        finally:
+            clear_cache()  # no full-resolution identity grid outlives the call
 
     def _forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
         raise NotImplementedError

@@ -34,6 +34,23 @@ class ResBlock(nn.Module):
         y = y + self.norm_skip(self.skip(x))
         return F.leaky_relu(y, NEG_SLOPE, inplace=True)
 
+    def consume(self, holder: list[torch.Tensor]) -> torch.Tensor:
+        """Inference on ``holder.pop()``, freeing the input once both of its convs have read it.
+
+        Peak: input + 2 outputs, then 3 outputs (instead of input + 3 outputs): at full resolution this saves
+        one input-sized tensor (0.9-1.6 GB for the DP decoders).
+        """
+        if torch.is_grad_enabled():
+            return self(holder.pop())
+        x = holder.pop()
+        y = F.leaky_relu_(instance_norm_(self.conv1(x), self.norm1), NEG_SLOPE)
+        skip = instance_norm_(self.skip(x), self.norm_skip)
+        del x
+        y = instance_norm_(self.conv2(y), self.norm2)
+        y += skip
+        del skip
+        return F.leaky_relu_(y, NEG_SLOPE)
+
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Same maths with in-place norms and activations: at most 3 block-sized tensors alive at once."""
         y = F.leaky_relu_(instance_norm_(self.conv1(x), self.norm1), NEG_SLOPE)

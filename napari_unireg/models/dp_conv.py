@@ -30,21 +30,21 @@ def coarse_to_fine(
     """§3 loop. ``feats_*`` fine→coarse; ``blocks[k]`` is the block of encoder level ``n−1−k`` (coarse→fine).
 
     ``u = DP_0(M, F)``; then per finer level ``u↑ = upsample2(u)``, ``r = DP_k(warp(M_k, u↑), F_k)``,
-    ``u = compose(u↑, r)``. A block is ``predict(prepare(moving_warped, fixed))``: splitting it lets the caller
-    drop the inputs before the expensive part. With ``release=True`` (inference, the caller's lists are
+    ``u = compose(u↑, r)``. A block is ``predict([prepare(moving_warped, fixed)])``: splitting it lets the caller
+    drop the inputs before the expensive part, and ``predict`` consumes its one-element list so that it can free
+    the block input as soon as possible. With ``release=True`` (inference, the caller's lists are
     consumed) each level's features are dropped after use. ``upsample`` defaults to the authors' ×2 quirk
     (:func:`upsample_flow`); baselines may pass an exact resize.
     """
     n = len(feats_m)
-    u = blocks[0].predict(blocks[0].prepare(feats_m[n - 1], feats_f[n - 1]))
+    u = blocks[0].predict([blocks[0].prepare(feats_m[n - 1], feats_f[n - 1])])
     for k in range(1, n):
         level = n - 1 - k
         u = upsample_flow(u, 2) if upsample is None else upsample(u, feats_f[level].shape[2:])
-        prepared = blocks[k].prepare(warp(feats_m[level], u), feats_f[level])
+        prepared = [blocks[k].prepare(warp(feats_m[level], u), feats_f[level])]
         if release:  # the warped moving features are already gone; drop this level's inputs too
             feats_m[level] = feats_f[level] = None
-        r = blocks[k].predict(prepared)
-        del prepared
+        r = blocks[k].predict(prepared)  # consumes ``prepared`` (the block input is freed inside)
         u = compose(u, r)
     return u
 
@@ -74,11 +74,12 @@ class ConvDPBlock(nn.Module):
             return corr
         return torch.cat([moving, corr, fixed], 1)  # MFC order is (M, C, F) in the code (§13.10)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.res(x))
+    def predict(self, holder: list[torch.Tensor]) -> torch.Tensor:
+        """Residual displacement from ``holder = [block input]`` (consumed)."""
+        return self.head(self.res.consume(holder))
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return self.predict(self.prepare(moving, fixed))
+        return self.predict([self.prepare(moving, fixed)])
 
 
 class DPConv(RegistrationModel):

@@ -49,11 +49,12 @@ class VFABlock(nn.Module):
         keys = self.proj(F.pad(moving, (1, 1, 1, 1, 1, 1), mode="replicate"))
         return window_logits(query, keys, 1.0 / math.sqrt(self.channels))
 
-    def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        return attention_displacement(logits)
+    def predict(self, holder: list[torch.Tensor]) -> torch.Tensor:
+        """Residual displacement from ``holder = [logits]`` (consumed)."""
+        return attention_displacement(holder.pop())
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return self.predict(self.prepare(moving, fixed))
+        return self.predict([self.prepare(moving, fixed)])
 
 
 class DPVFA(RegistrationModel):

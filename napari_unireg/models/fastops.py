@@ -5,14 +5,17 @@
   scales, shifts, permutes and flips: six passes and five full-size allocations per call).
 * :func:`window_dots` / :func:`local_correlation` equal :func:`napari_unireg.correlation.local_correlation`
   (bitwise) but work slab by slab along axis 0 so that the 27 products stay in cache: about 3× faster on CPU
-  and no ``C×S`` temporary per offset. With gradients they fall back to the plain (differentiable) form.
+  and no ``C×S`` temporary per offset. The slab loop runs on one intra-op thread (many small ops). With
+  gradients they fall back to the plain (differentiable) form.
 
 Candidates for moving into ``spatial.py`` / ``correlation.py``; ``tests/test_models.py`` checks the equality.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections import OrderedDict
 
 import torch
@@ -24,28 +27,46 @@ __all__ = ["warp", "compose", "window_dots", "local_correlation", "clear_cache"]
 
 _GRID_CACHE: OrderedDict = OrderedDict()
 _GRID_CACHE_SIZE = 3
+_GRID_LOCK = threading.Lock()
 _SLAB_BYTES = 1 << 20  # per-slab working set of one product (fits L2 with its two operands)
 
 
+@contextlib.contextmanager
+def _single_thread():
+    """Run many small ops on one intra-op thread: with 2+ threads each op pays an OpenMP barrier, and on a
+    loaded machine a barrier waits for a descheduled thread (measured 3-10× slower than one thread)."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 def clear_cache() -> None:
-    """Drop the cached identity grids (a full-resolution grid is 83 MB)."""
-    _GRID_CACHE.clear()
+    """Drop the cached identity grids (a full-resolution grid is 83 MB); the networks call it after each pass."""
+    with _GRID_LOCK:
+        _GRID_CACHE.clear()
 
 
 def _base_grid(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Identity in grid_sample's normalised (x, y, z) = (axis2, axis1, axis0) order, ``1×D0×D1×D2×3``."""
-    key = (shape, str(device), dtype)
-    grid = _GRID_CACHE.get(key)
-    if grid is None:
-        axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
-                torch.full((1,), -1.0, device=device, dtype=dtype) for n in shape]
-        mesh = torch.meshgrid(*axes, indexing="ij")
-        grid = torch.stack(mesh[::-1], dim=-1).unsqueeze(0)
+    key = (shape, str(device), dtype, torch.is_inference_mode_enabled())  # inference tensors stay apart
+    with _GRID_LOCK:
+        grid = _GRID_CACHE.get(key)
+        if grid is not None:
+            _GRID_CACHE.move_to_end(key)
+            return grid
+    axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
+            torch.full((1,), -1.0, device=device, dtype=dtype) for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack(mesh[::-1], dim=-1).unsqueeze(0)
+    with _GRID_LOCK:
         _GRID_CACHE[key] = grid
         while len(_GRID_CACHE) > _GRID_CACHE_SIZE:
             _GRID_CACHE.popitem(last=False)
-    else:
-        _GRID_CACHE.move_to_end(key)
     return grid
 
 
@@ -81,7 +102,9 @@ def window_dots(query: torch.Tensor, keys_padded: torch.Tensor, scale: float) ->
     """``out_k(p) = scale·Σ_c Q_c(p)·K_c(p + 1 + o_k)`` for the 27 offsets; ``keys_padded`` is 2 larger per axis."""
     b, c, d0, d1, d2 = query.shape
     if tuple(keys_padded.shape[2:]) != (d0 + 2, d1 + 2, d2 + 2):
-        raise ValueError(f"window_dots: keys must be padded by 1, got {tuple(keys_padded.shape)} for {tuple(query.shape)}")
+        raise ValueError(
+            f"window_dots: keys must be padded by 1, got {tuple(keys_padded.shape)} for {tuple(query.shape)}"
+        )
     if torch.is_grad_enabled() and (query.requires_grad or keys_padded.requires_grad):
         windows = [keys_padded[:, :, 1 + o0 : 1 + o0 + d0, 1 + o1 : 1 + o1 + d1, 1 + o2 : 1 + o2 + d2]
                    for o0, o1, o2 in OFFSETS]
@@ -91,14 +114,15 @@ def window_dots(query: torch.Tensor, keys_padded: torch.Tensor, scale: float) ->
     if query.device.type != "cpu":
         slab = d0  # no cache blocking on accelerators
     tmp = torch.empty((b, c, slab, d1, d2), dtype=query.dtype, device=query.device)
-    for z0 in range(0, d0, slab):
-        z1 = min(d0, z0 + slab)
-        q = query[:, :, z0:z1]
-        t = tmp[:, :, : z1 - z0]
-        for k, (o0, o1, o2) in enumerate(OFFSETS):
-            window = keys_padded[:, :, 1 + o0 + z0 : 1 + o0 + z1, 1 + o1 : 1 + o1 + d1, 1 + o2 : 1 + o2 + d2]
-            torch.mul(q, window, out=t)
-            torch.sum(t, dim=1, out=out[:, k, z0:z1])
+    with _single_thread() if query.device.type == "cpu" else contextlib.nullcontext():
+        for z0 in range(0, d0, slab):
+            z1 = min(d0, z0 + slab)
+            q = query[:, :, z0:z1]
+            t = tmp[:, :, : z1 - z0]
+            for k, (o0, o1, o2) in enumerate(OFFSETS):
+                window = keys_padded[:, :, 1 + o0 + z0 : 1 + o0 + z1, 1 + o1 : 1 + o1 + d1, 1 + o2 : 1 + o2 + d2]
+                torch.mul(q, window, out=t)
+                torch.sum(t, dim=1, out=out[:, k, z0:z1])
     return out.mul_(scale)
 
 

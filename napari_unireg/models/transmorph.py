@@ -48,7 +48,8 @@ class _WindowAttention(nn.Module):
             _, w1, w2 = self.window
             coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in ws], indexing="ij")).flatten(1)
             rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + torch.tensor(self.window) - 1
-            self._index_cache[key] = rel[..., 0] * (2 * w1 - 1) * (2 * w2 - 1) + rel[..., 1] * (2 * w2 - 1) + rel[..., 2]
+            strides = ((2 * w1 - 1) * (2 * w2 - 1), 2 * w2 - 1, 1)
+            self._index_cache[key] = rel[..., 0] * strides[0] + rel[..., 1] * strides[1] + rel[..., 2]
         return self._index_cache[key].to(device)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, ws: tuple[int, int, int]) -> torch.Tensor:

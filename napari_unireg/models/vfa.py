@@ -36,7 +36,8 @@ class _UNetPyramid(nn.Module):
 
     def __init__(self, enc: Sequence[int], out: Sequence[int]) -> None:
         super().__init__()
-        self.down = nn.ModuleList([_DoubleConv(1, enc[0])] + [_DoubleConv(enc[i - 1], enc[i], 2) for i in range(1, len(enc))])
+        down = [_DoubleConv(1, enc[0])] + [_DoubleConv(enc[i - 1], enc[i], 2) for i in range(1, len(enc))]
+        self.down = nn.ModuleList(down)
         n = len(enc)
         self.lateral = nn.ModuleList()
         for level in range(n):
@@ -74,8 +75,9 @@ class _VFALevel(nn.Module):
         logits = window_logits(self.proj(fixed), keys, self.scale)
         return logits * self.log_beta.exp()
 
-    def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        return attention_displacement(logits)
+    def predict(self, holder: list[torch.Tensor]) -> torch.Tensor:
+        """Residual displacement from ``holder = [logits]`` (consumed)."""
+        return attention_displacement(holder.pop())
 
 
 class VFA(RegistrationModel):

@@ -328,7 +328,9 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- public API
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Defaults of ``default.yaml`` updated by ``data`` (nested mapping), type-checked."""
-    return _from_dict(Config, _merge(_read_yaml(DEFAULT_YAML), data))
+    # default.yaml mirrors the dataclass defaults (a test keeps them equal); tolerate its absence in a wheel
+    defaults = _read_yaml(DEFAULT_YAML) if DEFAULT_YAML.is_file() else {}
+    return _from_dict(Config, _merge(defaults, data))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -145,33 +145,34 @@ def _from_folder(folder: Path, label_folder: str | None) -> list[Entry]:
 
 
 def _read_pairs_file(path: Path) -> list[tuple[str, str]]:
-    """CSV/TSV ``fixed,moving`` ids (header optional), or a dataset.json with ``registration_val``."""
+    """CSV/TSV ``fixed,moving`` ids or paths (header optional), or a JSON with a ``registration_val`` list
+    (a Learn2Reg dataset.json; paths relative to the file's folder)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read validation pairs {path}: {e}") from None
     if path.suffix.lower() == ".json":
-        _, val = _from_dataset_json(path) if "training" in json.loads(path.read_text()) else (None, None)
-        if val is None:
-            data = json.loads(path.read_text())
-            items = data.get("registration_val", data) if isinstance(data, dict) else data
-            try:
-                val = [
-                    (str((path.parent / p["fixed"]).resolve()), str((path.parent / p["moving"]).resolve()))
-                    for p in items
-                ]
-            except (TypeError, KeyError):
-                raise UserError(f"{path}: expected a 'registration_val' list of {{fixed, moving}}") from None
-        return val
-    rows = []
-    with open(path, newline="") as fh:
-        text = fh.read()
-    dialect = "excel-tab" if "\t" in text.splitlines()[0] else "excel"
-    for row in csv.reader(text.splitlines(), dialect=dialect):
-        row = [c.strip() for c in row if c.strip()]
-        if not row:
-            continue
-        if len(row) < 2:
-            raise UserError(f"{path}: each line needs two columns fixed,moving, got {row}")
-        if row[0].lower() == "fixed":
-            continue
-        rows.append((row[0], row[1]))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e})") from None
+        items = data.get("registration_val") if isinstance(data, dict) else data
+        try:
+            rows = [
+                (str((path.parent / p["fixed"]).resolve()), str((path.parent / p["moving"]).resolve())) for p in items
+            ]
+        except (TypeError, KeyError):
+            raise UserError(f"{path}: expected a 'registration_val' list of {{fixed, moving}}") from None
+    else:
+        rows = []
+        lines = [line for line in text.splitlines() if line.strip()]
+        dialect = "excel-tab" if lines and "\t" in lines[0] else "excel"
+        for row in csv.reader(lines, dialect=dialect):
+            row = [c.strip() for c in row if c.strip()]
+            if len(row) < 2:
+                raise UserError(f"{path}: each line needs two columns fixed,moving, got {row}")
+            if row[0].lower() != "fixed":
+                rows.append((row[0], row[1]))
     if not rows:
         raise UserError(f"{path} lists no validation pairs")
     return rows

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 from dataclasses import dataclass
@@ -78,7 +79,10 @@ def setup(device_pref: str = "auto") -> DistInfo:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    # rank 0 validates while the others wait at a barrier: allow long full-resolution validations
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=rank, world_size=world, timeout=datetime.timedelta(hours=3)
+    )
     return DistInfo(rank, world, local, device, backend, owns_group=True)
 
 

@@ -249,7 +249,7 @@ def validate(model: Any, tset: TrainingSet, cfg: Config, device: Any, amp_dtype:
 
     from ..losses import ncc_vfa
     from ..metrics import dice_mean, folded_percent, ndv, sdlogj, warp_labels_nearest
-    from ..spatial import resize_flow, warp
+    from ..spatial import resize_flow, upsample_pooled_flow, warp
 
     pairs = tset.val_pairs[: cfg.val.max_pairs] if cfg.val.max_pairs else tset.val_pairs
     if not pairs:
@@ -277,7 +277,9 @@ def validate(model: Any, tset: TrainingSet, cfg: Config, device: Any, amp_dtype:
                 disp = out.disp.float()
                 row: dict[str, Any] = {"sim": float(ncc_vfa(fix, warp(mov, disp)))}
                 if cfg.val.full_resolution and factor > 1:
-                    disp = resize_flow(disp, fix_full.shape)
+                    disp = upsample_pooled_flow(disp, factor)
+                    if tuple(disp.shape[2:]) != tuple(fix_full.shape):
+                        disp = resize_flow(disp, fix_full.shape)
                     mask = fix_full > 0
                 else:
                     mask = fix[0, 0].cpu().numpy() > 0
@@ -509,8 +511,6 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
     sym = cfg.loss.symmetric
     symmetric = is_ic if sym == "auto" else str(sym).lower() == "true"
     plan = plan_steps(cfg, symmetric, dist.world)
-    if state is not None and cfg.steps is None:
-        plan.total_steps = max(plan.total_steps, int(state["step"]))
 
     optimizer = torch.optim.Adam(
         model.parameters(), lr=cfg.optim.lr, amsgrad=cfg.optim.amsgrad, weight_decay=cfg.optim.weight_decay
