@@ -69,11 +69,12 @@ def bspline_upsample(cp: torch.Tensor, factor: int) -> torch.Tensor:
     is ``factor`` times finer (``B×C×(f·n0)×(f·n1)×(f·n2)``), FOV-aligned. Values keep their units."""
     if cp.dim() != 5:
         raise ValueError(f"bspline_upsample: expected B×C×D0×D1×D2, got {tuple(cp.shape)}")
-    w = bspline_weights(int(factor), dtype=cp.dtype, device=cp.device)
-    out = cp
-    for axis in (4, 3, 2):
-        out = _upsample_last_axis(out.movedim(axis, -1), w).movedim(-1, axis)
-    return out.contiguous()
+    with torch.autocast(device_type=cp.device.type, enabled=False):  # displacements stay float32
+        out = cp.float() if cp.dtype in (torch.float16, torch.bfloat16) else cp
+        w = bspline_weights(int(factor), dtype=out.dtype, device=cp.device)
+        for axis in (4, 3, 2):
+            out = _upsample_last_axis(out.movedim(axis, -1), w).movedim(-1, axis)
+        return out.contiguous()
 
 
 def level_shape(shape: Sequence[int], level: int) -> tuple[int, ...]:
@@ -89,4 +90,5 @@ def sample_at_level(u: torch.Tensor, level: int) -> torch.Tensor:
     """
     if level == 0:
         return u
-    return F.interpolate(u, size=level_shape(u.shape[2:], level), mode="trilinear", align_corners=False)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        return F.interpolate(u, size=level_shape(u.shape[2:], level), mode="trilinear", align_corners=False)

@@ -294,7 +294,10 @@ def register_volumes(
     # -- metrics on the model grid (1 mm, Learn2Reg convention)
     t = time.perf_counter()
     report("metrics", 0.0)
-    metrics = evaluate_registration(disp_model, fixed_seg_m, moving_seg_m, fixed_image=fixed_m)
+    both = fixed_seg_m is not None and moving_seg_m is not None  # moving labels alone are warped, not scored
+    metrics = evaluate_registration(
+        disp_model, fixed_seg_m if both else None, moving_seg_m if both else None, fixed_image=fixed_m
+    )
     if inverse_model is not None:
         from .metrics import inverse_consistency_error
 

@@ -116,7 +116,8 @@ class _InvertDisplacement(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_v: torch.Tensor):
         a, v = ctx.saved_tensors
-        with torch.enable_grad():
+        grad_v = grad_v.to(v.dtype)
+        with torch.enable_grad(), torch.autocast(device_type=a.device.type, enabled=False):
             a_ = a.detach().requires_grad_(True)
             v_ = v.detach().requires_grad_(True)
             fv = -warp(a_, v_)
@@ -150,10 +151,13 @@ def invert_displacement(
         raise ValueError(f"invert_displacement: expected B×3×D0×D1×D2, got {tuple(a.shape)}")
     fwd = AndersonOptions(memory, beta, ridge, tol, min_iter, max_iter, "max_abs")
     bwd = AndersonOptions(memory, beta, ridge, backward_tol, min_iter, backward_max_iter, "rel_l2")
-    if not (torch.is_grad_enabled() and a.requires_grad):
-        with torch.no_grad():
-            return anderson_solve(_fixed_point_map(a), -a, fwd)[0]
-    return _InvertDisplacement.apply(a, fwd, bwd)
+    with torch.autocast(device_type=a.device.type, enabled=False):  # the solver needs float32 (or float64)
+        if a.dtype in (torch.float16, torch.bfloat16):
+            a = a.float()
+        if not (torch.is_grad_enabled() and a.requires_grad):
+            with torch.no_grad():
+                return anderson_solve(_fixed_point_map(a), -a, fwd)[0]
+        return _InvertDisplacement.apply(a, fwd, bwd)
 
 
 def inversion_residual(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -394,3 +394,37 @@ def test_inference_path_equals_training_path(name):
     torch.testing.assert_close(fast.disp, slow.disp.detach(), rtol=0, atol=1e-4)
     if fast.inverse is not None:
         torch.testing.assert_close(fast.inverse, slow.inverse.detach(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dp-conv-mfc", "dp-convic-c", "dp-vfa", "transmorph"])
+def test_autocast_bf16_keeps_geometry_in_float32(name):
+    """The engine (CUDA fp16) and the trainer (CPU bf16) run the networks under autocast."""
+    torch.manual_seed(16)
+    model = build_model(name)
+    x, y = smooth_volume(17), smooth_volume(18)
+    with torch.inference_mode():
+        ref = model(x, y).disp
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, y)
+    assert out.disp.dtype == torch.float32 and torch.isfinite(out.disp).all()
+    assert float((out.disp - ref).abs().max()) < 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, y)
+        loss = out.disp.square().mean() + (out.inverse.square().mean() if out.inverse is not None else 0)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_inplace_instance_norm_matches_module_in_half_precision():
+    from napari_unireg.models.blocks import instance_norm_
+
+    torch.manual_seed(19)
+    norm = torch.nn.InstanceNorm3d(4, affine=True)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        x = torch.randn(2, 4, 40, 40, 40) * 3 + 5  # large mean: the float16 sums of a slice would overflow
+        ref = norm(x)
+        torch.testing.assert_close(instance_norm_(x.clone(), norm), ref, rtol=0, atol=1e-5)
+        half = instance_norm_(x.half(), norm)
+    assert half.dtype == torch.float16 and float((half.float() - ref).abs().max()) < 2e-2

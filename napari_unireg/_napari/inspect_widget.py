@@ -157,7 +157,9 @@ class InspectWidget(QWidget):
 
         self.hover = install(napari_viewer)
         self.hover.listeners.append(self._on_hover)
-        self.destroyed.connect(_make_cleanup(self.store, self.hover, self._on_hover, self._on_run_added, self._on_run_removed))
+        self.destroyed.connect(
+            _make_cleanup(self.store, self.hover, self._on_hover, self._on_run_added, self._on_run_removed)
+        )
         self._fill_runs()
 
     # ------------------------------------------------------------------ runs

@@ -362,7 +362,7 @@ class RegisterWidget(QWidget):
         self._stop.clear()
         self._pbar_n = 0
         self._refinement = options.io_steps > 0
-        self._names = (fixed.name, moving.name, None if fseg is None else fseg.name, None if mseg is None else mseg.name)
+        self._names = tuple(None if lay is None else lay.name for lay in (fixed, moving, fseg, mseg))
         self._label_names = dict(
             ((fseg.metadata if fseg is not None else {}) or {}).get("label_names")
             or ((mseg.metadata if mseg is not None else {}) or {}).get("label_names")
@@ -541,7 +541,9 @@ def _register_job(inputs: list, options: RegisterOptions, progress: Any, should_
         fixed, moving, fseg, mseg = (_volume(s) for s in inputs)
         from napari_unireg.engine import register_volumes
 
-        result = register_volumes(fixed, moving, fseg, mseg, options=options, progress=progress, should_stop=should_stop)
+        result = register_volumes(
+            fixed, moving, fseg, mseg, options=options, progress=progress, should_stop=should_stop
+        )
         return "ok", (result, fixed, fseg, moving, mseg)
     except Cancelled:
         return "cancelled", None

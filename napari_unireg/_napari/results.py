@@ -101,7 +101,7 @@ def build(run: Run, kind: str, *, grid_spacing: int = 8, grid_width: int = 1, ti
         ]
     if kind == "magnitude":
         mag = L.displacement_magnitude_mm(res.disp_native, run.affine)
-        hi = float(np.percentile(mag[:: 4, :: 4, :: 4], 99.5)) or 1.0
+        hi = float(np.percentile(mag[::4, ::4, ::4], 99.5)) or 1.0
         meta = _meta(run, kind, displacement=_disp_meta(run))
         return [
             _image(run, "|u| mm", mag, colormap="inferno", contrast_limits=(0.0, hi), metadata=meta)
@@ -134,7 +134,8 @@ def build(run: Run, kind: str, *, grid_spacing: int = 8, grid_width: int = 1, ti
         ]
     if kind == "checkerboard":
         cb = L.checkerboard(run.fixed, res.warped, tile)
-        return [_image(run, kind, cb, colormap="gray", contrast_limits=(0.0, 1.0), metadata=_meta(run, kind, tile=tile))]
+        meta = _meta(run, kind, tile=tile)
+        return [_image(run, kind, cb, colormap="gray", contrast_limits=(0.0, 1.0), metadata=meta)]
     if kind == "flicker":
         frames = [L.robust_normalize(run.fixed), L.robust_normalize(res.warped)]
         meta = _meta(run, kind, frames=frames, frame=0)

@@ -67,28 +67,34 @@ def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     |mean|/σ seen here) and about 5× faster on CPU.
     """
     n = x[0, 0].numel()
-    s1 = x.sum(dim=(3, 4)).double().sum(2)
-    s2 = torch.linalg.vector_norm(x, dim=(3, 4)).double().square().sum(2)
+    s1 = x.sum(dim=(3, 4), dtype=torch.float32).double().sum(2)  # float32 partials: no fp16 overflow
+    s2 = torch.linalg.vector_norm(x, dim=(3, 4), dtype=torch.float32).double().square().sum(2)
     mean = s1 / n
     var = (s2 / n - mean.square()).clamp(min=0)
     shape = (*x.shape[:2], 1, 1, 1)
-    return mean.view(shape).to(x.dtype), var.view(shape).to(x.dtype)
+    return mean.view(shape).float(), var.view(shape).float()
 
 
 def instance_norm_(x: torch.Tensor, norm: nn.InstanceNorm3d) -> torch.Tensor:
-    """In-place affine instance norm (biased variance, like ``InstanceNorm3d``); no-grad use only."""
+    """In-place affine instance norm (biased variance, like ``InstanceNorm3d``); no-grad use only.
+
+    Scale and shift are float32 even for a half-precision ``x`` (autocast), which is normalised in its dtype.
+    """
     mean, var = _channel_moments(x)
     scale = torch.rsqrt(var + norm.eps)
     if norm.weight is not None:
-        scale = scale * norm.weight.view(1, -1, 1, 1, 1)
+        scale = scale * norm.weight.view(1, -1, 1, 1, 1).float()
     shift = -mean * scale
     if norm.bias is not None:
-        shift = shift + norm.bias.view(1, -1, 1, 1, 1)
+        shift = shift + norm.bias.view(1, -1, 1, 1, 1).float()
     return torch.addcmul(shift, x, scale, out=x)  # one pass, in place
 
 
 class FlowHead(nn.Conv3d):
-    """Output conv ``Conv3d(C→3, 3³, pad 1)`` with weights ``N(0, σ=1e-5)`` and zero bias (§4 init quirk)."""
+    """Output conv ``Conv3d(C→3, 3³, pad 1)`` with weights ``N(0, σ=1e-5)`` and zero bias (§4 init quirk).
+
+    The output is always float32 (under autocast the conv runs in half precision, the displacement must not).
+    """
 
     def __init__(self, in_ch: int, out_ch: int = 3, std: float = 1e-5) -> None:
         super().__init__(in_ch, out_ch, 3, padding=1)
@@ -96,6 +102,10 @@ class FlowHead(nn.Conv3d):
             return
         nn.init.normal_(self.weight, 0.0, std)
         nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def init_kaiming_encoder(module: nn.Module, a: float = NEG_SLOPE) -> None:

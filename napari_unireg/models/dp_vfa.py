@@ -13,7 +13,7 @@ from ..correlation import OFFSETS
 from .base import RegistrationModel
 from .dp_conv import coarse_to_fine, encode_pair
 from .encoder import ENC_CHANNELS, PyramidEncoder
-from .fastops import window_dots
+from .fastops import full_precision, window_dots
 from .output import RegistrationOutput
 
 __all__ = ["DPVFA", "VFABlock", "window_logits", "attention_displacement"]
@@ -25,10 +25,11 @@ def window_logits(query: torch.Tensor, keys_padded: torch.Tensor, scale: float) 
 
 
 def attention_displacement(logits: torch.Tensor) -> torch.Tensor:
-    """``r(p) = Σ_j softmax_j(logits)·o_j`` (``B×27×S`` → ``B×3×S``); each component lies in (−1, 1)."""
-    weights = torch.softmax(logits, dim=1)
-    offsets = torch.tensor(OFFSETS, dtype=logits.dtype, device=logits.device)  # 27×3, channel order of corr
-    return torch.einsum("bjxyz,jc->bcxyz", weights, offsets)
+    """``r(p) = Σ_j softmax_j(logits)·o_j`` (``B×27×S`` → ``B×3×S``, float32); each component lies in (−1, 1)."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        weights = torch.softmax(full_precision(logits), dim=1)
+        offsets = torch.tensor(OFFSETS, dtype=weights.dtype, device=logits.device)  # 27×3, channel order of corr
+        return torch.einsum("bjxyz,jc->bcxyz", weights, offsets)
 
 
 class VFABlock(nn.Module):

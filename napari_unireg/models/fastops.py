@@ -23,12 +23,25 @@ import torch.nn.functional as F
 
 from ..correlation import OFFSETS
 
-__all__ = ["warp", "compose", "window_dots", "local_correlation", "clear_cache"]
+__all__ = ["warp", "compose", "window_dots", "local_correlation", "clear_cache", "full_precision", "geometry_mode"]
 
 _GRID_CACHE: OrderedDict = OrderedDict()
 _GRID_CACHE_SIZE = 3
 _GRID_LOCK = threading.Lock()
 _SLAB_BYTES = 1 << 20  # per-slab working set of one product (fits L2 with its two operands)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 if it is float16/bfloat16 (what autocast makes of conv outputs), else unchanged."""
+    return t.float() if t.dtype in _HALF else t
+
+
+def geometry_mode(t: torch.Tensor):
+    """Context for coordinate maths: autocast off on ``t``'s device (sampling positions need float32)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 @contextlib.contextmanager
@@ -79,15 +92,21 @@ def sampling_grid(disp: torch.Tensor) -> torch.Tensor:
 
 
 def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
-    """Same as :func:`napari_unireg.spatial.warp` (float images): ``out(p) = image(p + disp(p))``."""
+    """Same as :func:`napari_unireg.spatial.warp` (float images): ``out(p) = image(p + disp(p))``.
+
+    Under autocast the sampling runs in float32 (half-precision inputs are promoted; the result is float32):
+    a float16 grid would misplace samples by ~0.1 voxel on a 224-voxel axis.
+    """
     if image.shape[2:] != disp.shape[2:]:
         raise ValueError(f"warp: image grid {tuple(image.shape[2:])} != displacement grid {tuple(disp.shape[2:])}")
     if image.shape[0] != disp.shape[0]:
         n = max(image.shape[0], disp.shape[0])
         image = image.expand(n, *image.shape[1:])
         disp = disp.expand(n, *disp.shape[1:])
-    grid = sampling_grid(disp.to(image.dtype))
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    with geometry_mode(image):
+        image, disp = full_precision(image), full_precision(disp)
+        grid = sampling_grid(disp.to(image.dtype))
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -95,7 +114,7 @@ def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = warp(a, b)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return out + b
-    return out.add_(b)
+    return out.add_(b)  # out is float32 whenever b is half: add_ never narrows
 
 
 def window_dots(query: torch.Tensor, keys_padded: torch.Tensor, scale: float) -> torch.Tensor:

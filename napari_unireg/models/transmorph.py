@@ -45,12 +45,16 @@ class _WindowAttention(nn.Module):
         """Table rows of every token pair of a (possibly clipped) window ``ws``: offsets index the full table."""
         key = tuple(ws)
         if key not in self._index_cache:
-            _, w1, w2 = self.window
-            coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in ws], indexing="ij")).flatten(1)
-            rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + torch.tensor(self.window) - 1
-            strides = ((2 * w1 - 1) * (2 * w2 - 1), 2 * w2 - 1, 1)
-            self._index_cache[key] = rel[..., 0] * strides[0] + rel[..., 1] * strides[1] + rel[..., 2]
+            with torch.inference_mode(False):  # a plain tensor: usable by later autograd passes too
+                self._index_cache[key] = self._make_index(ws)
         return self._index_cache[key].to(device)
+
+    def _make_index(self, ws: tuple[int, int, int]) -> torch.Tensor:
+        _, w1, w2 = self.window
+        coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in ws], indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + torch.tensor(self.window) - 1
+        strides = ((2 * w1 - 1) * (2 * w2 - 1), 2 * w2 - 1, 1)
+        return rel[..., 0] * strides[0] + rel[..., 1] * strides[1] + rel[..., 2]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, ws: tuple[int, int, int]) -> torch.Tensor:
         bw, n, c = x.shape
