@@ -247,7 +247,8 @@ def register_volumes(
     fixed_seg_m = mapping.to_model(fixed_seg.data, order=0) if fixed_seg is not None else None
     moving_seg_m = mapping.resample_to_model(moving_seg, matrix) if moving_seg is not None else None
     seconds["prealign"] = time.perf_counter() - t
-    report("prealign", 1.0)
+    if matrix is not None:
+        report("prealign", 1.0)
 
     # -- network (or classical) displacement on the model grid
     t = time.perf_counter()
