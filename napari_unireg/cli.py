@@ -108,19 +108,19 @@ def _progress_printer(quiet: bool):
     return progress, bar.close
 
 
-def _run_and_write(fixed, moving, fixed_seg, moving_seg, args) -> dict:
+def run_and_write(fixed, moving, fixed_seg, moving_seg, args):
+    """Register with the CLI's options and write the results into ``args.out``; returns the RegistrationResult."""
     from .engine import options_from_args, register_volumes, write_result
 
     out = Path(args.out)
-    _check_out_dir(out, args.overwrite)
     options = options_from_args(args)
     progress, close = _progress_printer(args.quiet)
     try:
         result = register_volumes(fixed, moving, fixed_seg, moving_seg, options=options, progress=progress)
     finally:
         close()
-    write_result(result, fixed, out, overwrite=args.overwrite, options=options)
-    return result.metrics
+    write_result(result, fixed, out, overwrite=args.overwrite, options=options, moving=moving)
+    return result
 
 
 def _summary(metrics: dict) -> str:
@@ -141,12 +141,12 @@ def _summary(metrics: dict) -> str:
 def _cmd_register(args) -> int:
     from .io import load_volume
 
+    _check_out_dir(Path(args.out), args.overwrite)
     fixed = load_volume(args.fixed, kind="image")
     moving = load_volume(args.moving, kind="image")
     fixed_seg = load_volume(args.fixed_seg, kind="label") if args.fixed_seg else None
     moving_seg = load_volume(args.moving_seg, kind="label") if args.moving_seg else None
-    metrics = _run_and_write(fixed, moving, fixed_seg, moving_seg, args)
-    print(_summary(metrics))
+    print(_summary(run_and_write(fixed, moving, fixed_seg, moving_seg, args).metrics))
     print(f"results in {Path(args.out).resolve()}")
     return 0
 

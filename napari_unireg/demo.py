@@ -81,20 +81,13 @@ def write_slice_pngs(fixed, moving, result, fixed_seg, moving_seg, out: Path, ov
 
 def run_demo(args) -> int:
     """The `unireg demo` command: builds/loads the pair, registers, writes outputs and PNGs, prints a summary."""
-    from .cli import _check_out_dir, _progress_printer, _summary
-    from .engine import options_from_args, register_volumes, write_result
+    from .cli import _check_out_dir, _summary, run_and_write
 
     out = Path(args.out)
     _check_out_dir(out, args.overwrite)
     print("demo pair: MNI152 2009a template (nilearn) vs. the same brain through a known smooth deformation")
     fixed, moving, fixed_seg, moving_seg = demo_volumes()
-    options = options_from_args(args)
-    progress, close = _progress_printer(args.quiet)
-    try:
-        result = register_volumes(fixed, moving, fixed_seg, moving_seg, options=options, progress=progress)
-    finally:
-        close()
-    write_result(result, fixed, out, overwrite=args.overwrite, options=options, moving=moving)
+    result = run_and_write(fixed, moving, fixed_seg, moving_seg, args)
     # The moving image on the fixed grid before registration (world identity) is what the panels compare with.
     moving_on_fixed = moving.data  # same box: the demo pair shares the grid
     moving_seg_on_fixed = moving_seg.data
