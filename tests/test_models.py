@@ -428,3 +428,16 @@ def test_inplace_instance_norm_matches_module_in_half_precision():
         torch.testing.assert_close(instance_norm_(x.clone(), norm), ref, rtol=0, atol=1e-5)
         half = instance_norm_(x.half(), norm)
     assert half.dtype == torch.float16 and float((half.float() - ref).abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0)])
+def test_conv_in_slabs_equals_conv(kernel, stride, padding):
+    from napari_unireg.models.blocks import conv3d_slabs
+
+    torch.manual_seed(20)
+    conv = torch.nn.Conv3d(5, 7, kernel, stride=stride, padding=padding)
+    x = torch.randn(2, 5, 36, 10, 9)
+    with torch.no_grad():
+        ref = conv(x)
+        for max_bytes in (1_000, 30_000):  # 1 output row per slab, then a few
+            torch.testing.assert_close(conv3d_slabs(conv, x, max_bytes=max_bytes), ref, rtol=0, atol=1e-6)

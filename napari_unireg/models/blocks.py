@@ -6,9 +6,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ResBlock", "FlowHead", "init_kaiming_encoder", "instance_norm_"]
+__all__ = ["ResBlock", "FlowHead", "init_kaiming_encoder", "instance_norm_", "conv3d_slabs"]
 
 NEG_SLOPE = 0.2
+SLAB_BYTES = 128 << 20  # inference convs read at most this much input at a time
+
+
+def conv3d_slabs(conv: nn.Conv3d, x: torch.Tensor, max_bytes: int = SLAB_BYTES) -> torch.Tensor:
+    """``conv(x)`` computed in slabs along axis 0 when ``x`` is large (inference on CPU only).
+
+    oneDNN converts a plain-layout input to its blocked layout before convolving: a hidden copy of the whole
+    input (1.8 GB for a full-resolution 59-channel block input). Slabs of at most ``max_bytes`` bound that copy;
+    each slab reads its halo rows, so the result is the same convolution (up to summation order).
+    """
+    nbytes = x.numel() * x.element_size()
+    if torch.is_grad_enabled() or nbytes <= max_bytes or x.device.type != "cpu" or conv.padding_mode != "zeros":
+        return nn.Conv3d._conv_forward(conv, x, conv.weight, conv.bias)  # not conv(x): FlowHead calls us
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    depth = x.shape[2]
+    n_out = (depth + 2 * p - k) // s + 1
+    rows = max(1, int(n_out * max_bytes // nbytes))
+    out = None
+    for o0 in range(0, n_out, rows):
+        o1 = min(n_out, o0 + rows)
+        i0, i1 = s * o0 - p, s * (o1 - 1) - p + k  # input rows read by output rows o0..o1-1
+        xs = x[:, :, max(i0, 0) : min(i1, depth)]
+        if i0 < 0 or i1 > depth:
+            xs = F.pad(xs, (0, 0, 0, 0, max(-i0, 0), max(i1 - depth, 0)))
+        ys = F.conv3d(xs, conv.weight, conv.bias, stride=conv.stride, padding=(0, *conv.padding[1:]),
+                      dilation=conv.dilation, groups=conv.groups)
+        if out is None:
+            out = torch.empty((ys.shape[0], ys.shape[1], n_out, *ys.shape[3:]), dtype=ys.dtype, device=ys.device)
+        out[:, :, o0:o1] = ys
+    return out
 
 
 class ResBlock(nn.Module):
@@ -43,19 +73,19 @@ class ResBlock(nn.Module):
         if torch.is_grad_enabled():
             return self(holder.pop())
         x = holder.pop()
-        y = F.leaky_relu_(instance_norm_(self.conv1(x), self.norm1), NEG_SLOPE)
-        skip = instance_norm_(self.skip(x), self.norm_skip)
+        y = F.leaky_relu_(instance_norm_(conv3d_slabs(self.conv1, x), self.norm1), NEG_SLOPE)
+        skip = instance_norm_(conv3d_slabs(self.skip, x), self.norm_skip)
         del x
-        y = instance_norm_(self.conv2(y), self.norm2)
+        y = instance_norm_(conv3d_slabs(self.conv2, y), self.norm2)
         y += skip
         del skip
         return F.leaky_relu_(y, NEG_SLOPE)
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Same maths with in-place norms and activations: at most 3 block-sized tensors alive at once."""
-        y = F.leaky_relu_(instance_norm_(self.conv1(x), self.norm1), NEG_SLOPE)
-        y = instance_norm_(self.conv2(y), self.norm2)
-        y += instance_norm_(self.skip(x), self.norm_skip)
+        y = F.leaky_relu_(instance_norm_(conv3d_slabs(self.conv1, x), self.norm1), NEG_SLOPE)
+        y = instance_norm_(conv3d_slabs(self.conv2, y), self.norm2)
+        y += instance_norm_(conv3d_slabs(self.skip, x), self.norm_skip)
         return F.leaky_relu_(y, NEG_SLOPE)
 
 
@@ -104,7 +134,7 @@ class FlowHead(nn.Conv3d):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
+        out = conv3d_slabs(self, x) if not torch.is_grad_enabled() else super().forward(x)
         return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 

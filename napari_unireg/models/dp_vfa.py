@@ -12,6 +12,7 @@ from torch import nn
 from ..correlation import OFFSETS
 from .base import RegistrationModel
 from .dp_conv import coarse_to_fine, encode_pair
+from .blocks import conv3d_slabs
 from .encoder import ENC_CHANNELS, PyramidEncoder
 from .fastops import full_precision, window_dots
 from .output import RegistrationOutput
@@ -46,8 +47,8 @@ class VFABlock(nn.Module):
 
     def prepare(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Attention logits ``B×27×S``."""
-        query = self.proj(fixed)
-        keys = self.proj(F.pad(moving, (1, 1, 1, 1, 1, 1), mode="replicate"))
+        query = conv3d_slabs(self.proj, fixed)
+        keys = conv3d_slabs(self.proj, F.pad(moving, (1, 1, 1, 1, 1, 1), mode="replicate"))
         return window_logits(query, keys, 1.0 / math.sqrt(self.channels))
 
     def predict(self, holder: list[torch.Tensor]) -> torch.Tensor:
