@@ -300,15 +300,9 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def _json_ready(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_ready(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    from napari_unireg.engine import json_ready
+
+    return json_ready(obj)
 
 
 def write_report(report: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Path]:

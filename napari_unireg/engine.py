@@ -385,13 +385,14 @@ def provenance(options: RegisterOptions, result: RegistrationResult, fixed=None,
     }
 
 
-def _json_ready(obj):
+def json_ready(obj):
+    """A metrics/provenance structure as plain JSON: string keys, Python scalars, NaN/inf as null."""
     if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_ready(v) for v in obj]
+        return [json_ready(v) for v in obj]
     if isinstance(obj, np.generic):
-        return obj.item()
+        obj = obj.item()
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     return obj
@@ -425,7 +426,7 @@ def write_result(
         if path.exists() and not overwrite:
             raise UserError(f"{path} exists; use --overwrite")
         tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(_json_ready(payload), indent=1))
+        tmp.write_text(json.dumps(json_ready(payload), indent=1))
         os.replace(tmp, path)
         written[name.split(".")[0]] = path
     return written
