@@ -309,9 +309,11 @@ def write_report(report: dict[str, Any], out: str | os.PathLike) -> tuple[Path, 
     """Write ``out`` (JSON, NaN → null) and the Markdown beside it (same stem, ``.md``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_json_ready(report), indent=1))
     md = out.with_suffix(".md")
-    md.write_text(format_markdown(report))
+    for path, text in ((out, json.dumps(_json_ready(report), indent=1)), (md, format_markdown(report))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # readers never see a half-written report
     return out, md
 
 
@@ -380,6 +382,30 @@ def run(args) -> dict[str, Any]:
     checks: dict[str, list[dict[str, float]]] = {}
     commands: dict[str, str] = {}
     engine_seconds: dict[str, dict[str, Any]] = {}
+    def make_report(complete: bool) -> dict[str, Any]:
+        machine["load_avg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        ours = [m["name"] for m in methods]
+        return {
+            "complete": complete,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "machine": machine,
+            "data": source,
+            "n_pairs": len(per_pair),
+            "pairs": list(per_pair),
+            "prealign": args.prealign,
+            "order": order,
+            "methods": {**{m["name"]: {k: m[k] for k in ("model", "io_steps", "trained", "kind")} for m in methods},
+                        **{p: {"kind": "peer", "version": peers.peer_version(p)} for p in peer_names}},
+            "summary": summarize(per_pair, order),
+            "speed_ratios": speed_ratios(per_pair, ours, peer_names),
+            "per_pair": per_pair,
+            "engine_seconds": engine_seconds,
+            "conversion_checks": checks,
+            "commands": commands,
+            "skipped": skipped,
+        }
+
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="unireg_bench_"))
     try:
         for fe, me in pairs:
@@ -400,31 +426,12 @@ def run(args) -> dict[str, Any]:
                 checks.setdefault(name, []).append({"pair": pid, **info["conversion_check"]})
                 commands[name] = info["command"]
                 _progress(pid, name, per_pair[pid][name])
+            if getattr(args, "out", None):  # a killed run keeps the pairs done so far
+                write_report(make_report(complete=False), args.out)
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
-    machine["load_avg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    ours = [m["name"] for m in methods]
-    report = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "machine": machine,
-        "data": source,
-        "n_pairs": len(per_pair),
-        "pairs": list(per_pair),
-        "prealign": args.prealign,
-        "order": order,
-        "methods": {**{m["name"]: {k: m[k] for k in ("model", "io_steps", "trained", "kind")} for m in methods},
-                    **{p: {"kind": "peer", "version": peers.peer_version(p)} for p in peer_names}},
-        "summary": summarize(per_pair, order),
-        "speed_ratios": speed_ratios(per_pair, ours, peer_names),
-        "per_pair": per_pair,
-        "engine_seconds": engine_seconds,
-        "conversion_checks": checks,
-        "commands": commands,
-        "skipped": skipped,
-    }
-    return report
+    return make_report(complete=True)
 
 
 def _progress(pid: str, method: str, row: dict[str, Any]) -> None:

@@ -7,6 +7,11 @@ the development data are already affinely aligned) on every pair of ``pairs_val.
 Dice, HD95, SDlogJ, NDV, folded % and seconds. The card gets ``metrics`` (the network alone, io-steps 0),
 ``metrics_refined`` (the largest io-steps value), the per-pair numbers, the machine, and the zero-displacement
 and Greedy rows of ``baselines_val.json`` for comparison. The card's weights are not touched.
+
+    python benchmarks/model_card_metrics.py dp-vfa --from-report bench/accuracy_val.json
+
+takes the numbers from a run of ``benchmarks/accuracy.py`` instead of measuring again (the same engine call and
+the same scoring), so the cards and the README's benchmark table come from one run.
 """
 
 from __future__ import annotations
@@ -58,18 +63,43 @@ def evaluate(model: str, data: Path, io_steps: int, device: str = "cpu") -> dict
             "threads": torch.get_num_threads(), "device": device}
 
 
+def runs_from_report(report_path: Path, model: str) -> list[dict]:
+    """``evaluate``-shaped runs of ``model`` (every io-steps value it ran) from an accuracy.py JSON report."""
+    report = json.loads(Path(report_path).read_text())
+    if not report.get("complete", True):
+        raise SystemExit(f"{report_path} is a partial report (the run did not finish)")
+    runs = []
+    for name, info in report["methods"].items():
+        if info.get("kind") != "ours" or info.get("model") != model:
+            continue
+        rows = [dict(report["per_pair"][pid][name], pair=pid) for pid in report["pairs"] if name in report["per_pair"][pid]]
+        runs.append({"io_steps": int(info["io_steps"]), "summary": _summary(rows), "per_pair": rows,
+                     "threads": report["machine"].get("threads"), "device": report["machine"].get("device", "cpu"),
+                     "source": f"{report_path} ({report.get('date', '')})"})
+    if not runs:
+        raise SystemExit(f"{model} is not in {report_path}")
+    return sorted(runs, key=lambda r: r["io_steps"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--io-steps", type=int, nargs="+", default=[0, 50])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--from-report", default=None, help="take the numbers from a benchmarks/accuracy.py JSON")
     ap.add_argument("--models-dir", default=str(Path(__file__).resolve().parents[1] / "models"))
     args = ap.parse_args(argv)
     data = Path(args.data)
     card_path = Path(args.models_dir) / f"{args.model}.json"
     card = json.loads(card_path.read_text())
-    runs = [evaluate(args.model, data, n, args.device) for n in sorted(set(args.io_steps))]
+    if args.from_report:
+        runs = runs_from_report(Path(args.from_report), args.model)
+        command = f"python benchmarks/model_card_metrics.py {args.model} --from-report {args.from_report}"
+    else:
+        runs = [evaluate(args.model, data, n, args.device) for n in sorted(set(args.io_steps))]
+        command = (f"python benchmarks/model_card_metrics.py {args.model} --data {args.data} "
+                   f"--io-steps {' '.join(map(str, args.io_steps))}")
     base = json.loads((data / "baselines_val.json").read_text())
 
     def flat(summary):
@@ -81,8 +111,7 @@ def main(argv=None) -> int:
         card["metrics_refined"] = dict(flat(runs[-1]["summary"]), io_steps=runs[-1]["io_steps"])
     card["evaluation"] = {
         "pairs": "pairs_val.csv of the development data (6 pairs, 35 labels, 1 mm box), never trained on",
-        "command": f"python benchmarks/model_card_metrics.py {args.model} --data {args.data} "
-                   f"--io-steps {' '.join(map(str, args.io_steps))}",
+        "command": command,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"{runs[0]['threads']} threads, {args.device}",
         "date": time.strftime("%Y-%m-%d"),

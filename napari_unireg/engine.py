@@ -262,6 +262,7 @@ def register_volumes(
             moving_t,
             steps=CLASSICAL_STEPS,
             lam=options.io_lambda,
+            fold_weight=options.io_fold_weight,
             progress=lambda f: report("inference", f),
             should_stop=should_stop,
         )
@@ -280,6 +281,7 @@ def register_volumes(
             init_disp=disp,
             steps=options.io_steps,
             lam=options.io_lambda,
+            fold_weight=options.io_fold_weight,
             progress=lambda f: report("refinement", f),
             should_stop=should_stop,
         )

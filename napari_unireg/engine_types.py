@@ -30,7 +30,8 @@ class RegisterOptions:
     prealign: str = "affine"  # affine | none
     resolution: str = "auto"  # auto (the model card's), full, half
     io_steps: int = 0  # instance-optimisation refinement steps after the network
-    io_lambda: float = 1.0  # diffusion weight of the refinement
+    io_lambda: float = 2.0  # diffusion weight of the refinement (and of the classical method)
+    io_fold_weight: float = 100.0  # weight of the refinement's folding penalty mean(relu(0.05 - J))
     grid_shape: tuple[int, int, int] = (160, 224, 192)
     amp: bool = True  # mixed precision on CUDA
     seed: int = 0

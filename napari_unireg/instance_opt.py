@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from .engine_types import Cancelled
 from .spatial import resize_flow, upsample_pooled_flow, warp
 
+#: Defaults chosen on two validation pairs after dp-vfa (50 steps): λ=1 without the folding term gave Dice
+#: 0.748 with NDV 0.51 %; λ=2 with the term gives 0.751 / 0.06 % on the harder pair (0003←0007).
+LAMBDA = 2.0
+FOLD_WEIGHT = 100.0
+
 
 def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x if factor == 1 else F.avg_pool3d(x, factor, stride=factor, ceil_mode=True)
@@ -37,13 +42,19 @@ def optimise_level(
     moving: torch.Tensor,
     init: torch.Tensor,
     steps: int,
-    lam: float = 1.0,
+    lam: float = LAMBDA,
     lr: float = 0.2,
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    fold_weight: float = FOLD_WEIGHT,
 ) -> torch.Tensor:
-    """Adam on a displacement residual at the grid of ``fixed``; returns ``init + residual`` (same grid)."""
+    """Adam on a displacement residual at the grid of ``fixed``; returns ``init + residual`` (same grid).
+
+    The loss is ``NCC + lam·diffusion + fold_weight·mean(relu(0.05 − J))``: the folding term only acts where the
+    Jacobian determinant approaches zero, so it leaves the similarity/smoothness balance alone elsewhere.
+    """
     from .losses import diffusion, ncc_vfa
+    from .metrics import jacobian_determinant_torch
 
     init = init.detach()
     delta = torch.zeros_like(init, requires_grad=True)
@@ -53,6 +64,8 @@ def optimise_level(
             raise Cancelled()
         u = init + delta
         loss = ncc_vfa(fixed, warp(moving, u)) + lam * diffusion(u)
+        if fold_weight > 0:
+            loss = loss + fold_weight * F.relu(0.05 - jacobian_determinant_torch(u)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -67,10 +80,11 @@ def instance_optimise(
     init_disp: torch.Tensor | None = None,
     steps: int = 100,
     factors: Sequence[int] | None = None,
-    lam: float = 1.0,
+    lam: float = LAMBDA,
     lr: float = 0.2,
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    fold_weight: float = FOLD_WEIGHT,
 ) -> torch.Tensor:
     """Register ``moving`` to ``fixed`` (``1×1×S``) by optimising a displacement (``1×3×S``, voxel units, pull).
 
@@ -95,6 +109,6 @@ def instance_optimise(
                 progress((level + frac) / n_levels)
 
         with torch.enable_grad():
-            result = optimise_level(f_l, m_l, start, steps, lam, lr, level_progress, should_stop)
+            result = optimise_level(f_l, m_l, start, steps, lam, lr, level_progress, should_stop, fold_weight)
         correction = _field_up(result - base, factor, shape)
     return full + correction

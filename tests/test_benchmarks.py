@@ -160,6 +160,26 @@ def test_write_report_json_and_markdown(tmp_path):
     assert not any(isinstance(v, float) and math.isnan(v) for v in data["summary"]["greedy"]["dice"].values())
 
 
+def test_model_card_runs_come_from_the_accuracy_report(tmp_path):
+    cards = pytest.importorskip("model_card_metrics")
+    per_pair = {pid: {"dp-x": {"dice": d, "hd95": 3.0, "sdlogj": 0.1, "ndv": 0.0, "folded_pct": 0.0, "seconds": 2.0},
+                      "dp-x + IO 50": {"dice": d + 0.02, "hd95": 2.9, "sdlogj": 0.1, "ndv": 0.01,
+                                       "folded_pct": 0.0, "seconds": 9.0}}
+                for pid, d in (("a_b", 0.70), ("c_d", 0.72))}
+    report = {"complete": True, "pairs": list(per_pair), "per_pair": per_pair, "machine": {"threads": 2},
+              "methods": {"dp-x": {"model": "dp-x", "io_steps": 0, "kind": "ours"},
+                          "dp-x + IO 50": {"model": "dp-x", "io_steps": 50, "kind": "ours"}}}
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps(report))
+    runs = cards.runs_from_report(path, "dp-x")
+    assert [r["io_steps"] for r in runs] == [0, 50]
+    assert runs[0]["summary"]["dice"]["mean"] == pytest.approx(0.71)
+    assert runs[1]["summary"]["seconds"]["mean"] == pytest.approx(9.0)
+    path.write_text(json.dumps(dict(report, complete=False)))
+    with pytest.raises(SystemExit, match="partial"):
+        cards.runs_from_report(path, "dp-x")
+
+
 def test_our_methods_expand_io_steps():
     methods = accuracy.our_methods(["classical", "dp-vfa"], [0, 25])
     names = [m["name"] for m in methods]

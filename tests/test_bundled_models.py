@@ -43,3 +43,25 @@ def test_default_model_is_the_best_bundled_one():
         return
     best = max(BUNDLED, key=lambda m: m.card["metrics"]["dice"])
     assert name == best.name
+
+
+@pytest.mark.parametrize("info", BUNDLED, ids=[m.name for m in BUNDLED])
+def test_register_reproduces_the_card(info, shared_data, tmp_path):
+    """`unireg register` on validation pair 0001←0002 gives the card's per-pair numbers (network alone)."""
+    import json
+
+    from napari_unireg.cli import main
+
+    run = next(r for r in info.card["evaluation"]["runs"] if r["io_steps"] == 0)
+    row = next(r for r in run["per_pair"] if r["pair"] == "0001_0002")
+    img, lab = shared_data / "imagesTr", shared_data / "labelsTr"
+    out = tmp_path / "out"
+    rc = main(["register", str(img / "UNIREG_0001_0000.nii.gz"), str(img / "UNIREG_0002_0000.nii.gz"),
+               "--fixed-seg", str(lab / "UNIREG_0001_0000.nii.gz"), "--moving-seg", str(lab / "UNIREG_0002_0000.nii.gz"),
+               "--model", info.name, "--device", "cpu", "--prealign", "none", "--out", str(out), "--quiet"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dice"] == pytest.approx(row["dice"], abs=2e-3)
+    assert metrics["hd95"] == pytest.approx(row["hd95"], abs=0.05)
+    assert metrics["sdlogj"] == pytest.approx(row["sdlogj"], abs=2e-3)
+    assert metrics["ndv"] == pytest.approx(row["ndv"], abs=0.01)
