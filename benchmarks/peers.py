@@ -361,6 +361,8 @@ def train_voxelmorph(cfg, out: str | os.PathLike, *, lr: float = VXM_DEFAULTS["l
     """
     import torch
 
+    import torch.nn.functional as F
+
     with _quiet_imports():
         import neurite as ne
 
@@ -382,6 +384,7 @@ def train_voxelmorph(cfg, out: str | os.PathLike, *, lr: float = VXM_DEFAULTS["l
     plan = plan_steps(cfg, symmetric=False)
     torch.manual_seed(cfg.seed)
     model = build_voxelmorph(nb_features, integration_steps).to(device)
+    multiple = 2 ** len(nb_features or VXM_DEFAULTS["nb_features"])  # one pooling per level
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ncc = ne.nn.modules.NCC(window_size=VXM_DEFAULTS["window"])
     grad = ne.nn.modules.SpatialGradient(penalty="l2")
@@ -420,11 +423,17 @@ def train_voxelmorph(cfg, out: str | os.PathLike, *, lr: float = VXM_DEFAULTS["l
             loader = make_loader(dataset, start_batch, cfg.optim.batch_size, 0, 1, cfg)
             for batch in loader:
                 mov, fix = batch["moving"].to(device), batch["fixed"].to(device)
+                shape = tuple(mov.shape[2:])
+                pads = [(-n) % multiple for n in shape]
+                pad = [0, pads[2], 0, pads[1], 0, pads[0]]
+                crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in shape)
                 directions = [(mov, fix)] + ([(fix, mov)] if plan.bidir else [])
                 for m, f in directions[skip:]:
                     model.train()
                     opt.zero_grad(set_to_none=True)
-                    disp, warped = model(m, f, return_warped_source=True)
+                    # the U-Net pools once per level: pad like run_voxelmorph, score on the real grid
+                    disp, warped = model(F.pad(m, pad), F.pad(f, pad), return_warped_source=True)
+                    disp, warped = disp[crop], warped[crop]
                     sim = -ncc(f, warped).mean()
                     # VoxelMorph regularises the velocity field when it integrates one, else the displacement
                     reg = grad(model.velocity if model.integration_steps > 0 else disp)

@@ -240,8 +240,9 @@ def test_train_voxelmorph_two_steps(tmp_path):
     data = tmp_path / "imgs"
     data.mkdir()
     for i in range(3):
-        _volume(data, smooth_blob_volume((32, 32, 32), seed=i), BOX, f"s{i}.nii.gz")
-    cfg = load_config(None, [f"data.source={data}", "steps=2", "data.grid_shape=[32,32,32]", "data.num_workers=0",
+        _volume(data, smooth_blob_volume((32, 36, 20), seed=i), BOX, f"s{i}.nii.gz")
+    # 36 and 20 are not multiples of 2**3: the U-Net input must be padded (as 80×112×96 with 5 levels)
+    cfg = load_config(None, [f"data.source={data}", "steps=2", "data.grid_shape=[32,36,20]", "data.num_workers=0",
                              "device=cpu", "data.val_pairs=none"])
     res = peers.train_voxelmorph(cfg, tmp_path / "vxm", nb_features=[4, 4, 4], integration_steps=3)
     assert res["steps"] == 2

@@ -4,7 +4,8 @@ Skipped unless ``UNIREG_SCREENSHOTS=1`` (it registers the full demo pair, ~2 min
 
     UNIREG_SCREENSHOTS=1 xvfb-run -a -s "-screen 0 1920x1200x24" python -m pytest tests/test_napari_screenshots.py -q
 
-Writes ``docs/screenshots/*.png``. The registration is real (the engine's classical method, steps reduced).
+Writes ``docs/screenshots/*.png``. The registration is real: the default bundled network (the engine's classical
+method with reduced steps when no weights are bundled).
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def test_screenshots(make_napari_viewer, qtbot, monkeypatch):
 
     reg = RegisterWidget(viewer)
     viewer.window.add_dock_widget(reg, name="Register", area="right")
-    reg.set_model("classical")
+    from napari_unireg.engine import default_model_name
+
+    reg.set_model(default_model_name())
     views = OrthoViewsWidget(viewer)
     viewer.window.add_dock_widget(views, name="Linked views", area="right")
     _run_or_reuse(reg, qtbot)
