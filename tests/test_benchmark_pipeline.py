@@ -85,7 +85,7 @@ def test_child_measures_every_stage_of_the_user_path(tmp_path):
     from napari_unireg import engine
 
     loader = engine.load_registration_model
-    spec = {"model": "dp-conv-mf", "device": "cpu", "threads": 0, "scale": 0.2,
+    spec = {"model": "voxelmorph", "device": "cpu", "threads": 0, "scale": 0.2,
             "grid_shape": list(pipeline.scaled_shape(0.2)), "files": _tiny_pair(tmp_path), "prealign": "affine",
             "resolution": "half", "io_steps": 1, "head_std": 2e-3}
     row = pipeline.child(spec)
