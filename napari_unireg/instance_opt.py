@@ -1,4 +1,4 @@
-"""Instance optimisation of a displacement field (NCC + diffusion), a classical method of the project's own.
+"""Instance optimisation of a displacement field (NCC + diffusion + folding penalty), a classical method of our own.
 
 Used two ways: on its own as the ``classical`` model (coarse-to-fine from zero), and after a network as an
 optional refinement (``--io-steps N``) that starts from the network's field. The field is optimised on a
