@@ -63,14 +63,9 @@ def machine_info(threads: int, device: str) -> dict[str, Any]:
     """CPU model, logical cores, threads used, GPU (when used), load average, versions."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from napari_unireg.train.distributed import cpu_model
+
+    cpu = cpu_model()
     info: dict[str, Any] = {
         "cpu": cpu,
         "logical_cores": os.cpu_count(),

@@ -308,6 +308,19 @@ def load_voxelmorph(path: str | os.PathLike, device: str = "cpu"):
     return model.to(device).eval(), card
 
 
+def _vxm_forward(model, moving, fixed, levels: int):
+    """``model(moving, fixed)`` on inputs zero-padded to a multiple of ``2**levels`` (the U-Net pools once per
+    level); the field and warped image are cropped back to the input grid."""
+    import torch.nn.functional as F
+
+    shape = tuple(moving.shape[2:])
+    pads = [(-n) % 2**levels for n in shape]
+    pad = [0, pads[2], 0, pads[1], 0, pads[0]]
+    disp, warped = model(F.pad(moving, pad), F.pad(fixed, pad), return_warped_source=True)
+    crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in shape)
+    return disp[crop], warped[crop]
+
+
 def run_voxelmorph(model, card: dict, fixed, moving, device: str = "cpu") -> PeerResult:
     """The trained VoxelMorph network on one pair (canonical Volumes on one grid, intensities as trained).
 
@@ -329,13 +342,7 @@ def run_voxelmorph(model, card: dict, fixed, moving, device: str = "cpu") -> Pee
         if card.get("resolution", "full") == "half":
             f, m = F.avg_pool3d(f, 2), F.avg_pool3d(m, 2)
         net_shape = tuple(f.shape[2:])
-        multiple = 2 ** len(card.get("nb_features") or VXM_DEFAULTS["nb_features"])  # one pooling per level
-        pads = [(-s) % multiple for s in net_shape]
-        pad = [0, pads[2], 0, pads[1], 0, pads[0]]
-        fp, mp = F.pad(f, pad), F.pad(m, pad)
-        disp, warped = model(mp, fp, return_warped_source=True)
-        crop = (slice(None), slice(None)) + tuple(slice(0, s) for s in net_shape)
-        disp, warped = disp[crop], warped[crop]
+        disp, warped = _vxm_forward(model, m, f, len(card.get("nb_features") or VXM_DEFAULTS["nb_features"]))
         full = resize_flow(disp, tuple(fixed.shape)) if net_shape != tuple(fixed.shape) else disp
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -361,8 +368,6 @@ def train_voxelmorph(cfg, out: str | os.PathLike, *, lr: float = VXM_DEFAULTS["l
     """
     import torch
 
-    import torch.nn.functional as F
-
     with _quiet_imports():
         import neurite as ne
 
@@ -384,7 +389,7 @@ def train_voxelmorph(cfg, out: str | os.PathLike, *, lr: float = VXM_DEFAULTS["l
     plan = plan_steps(cfg, symmetric=False)
     torch.manual_seed(cfg.seed)
     model = build_voxelmorph(nb_features, integration_steps).to(device)
-    multiple = 2 ** len(nb_features or VXM_DEFAULTS["nb_features"])  # one pooling per level
+    levels = len(nb_features or VXM_DEFAULTS["nb_features"])
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ncc = ne.nn.modules.NCC(window_size=VXM_DEFAULTS["window"])
     grad = ne.nn.modules.SpatialGradient(penalty="l2")
@@ -423,17 +428,11 @@ def train_voxelmorph(cfg, out: str | os.PathLike, *, lr: float = VXM_DEFAULTS["l
             loader = make_loader(dataset, start_batch, cfg.optim.batch_size, 0, 1, cfg)
             for batch in loader:
                 mov, fix = batch["moving"].to(device), batch["fixed"].to(device)
-                shape = tuple(mov.shape[2:])
-                pads = [(-n) % multiple for n in shape]
-                pad = [0, pads[2], 0, pads[1], 0, pads[0]]
-                crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in shape)
                 directions = [(mov, fix)] + ([(fix, mov)] if plan.bidir else [])
                 for m, f in directions[skip:]:
                     model.train()
                     opt.zero_grad(set_to_none=True)
-                    # the U-Net pools once per level: pad like run_voxelmorph, score on the real grid
-                    disp, warped = model(F.pad(m, pad), F.pad(f, pad), return_warped_source=True)
-                    disp, warped = disp[crop], warped[crop]
+                    disp, warped = _vxm_forward(model, m, f, levels)
                     sim = -ncc(f, warped).mean()
                     # VoxelMorph regularises the velocity field when it integrates one, else the displacement
                     reg = grad(model.velocity if model.integration_steps > 0 else disp)

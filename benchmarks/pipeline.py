@@ -366,14 +366,9 @@ def machine_info() -> dict[str, Any]:
 
     from napari_unireg import __version__
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from napari_unireg.train.distributed import cpu_model
+
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "logical_cores": os.cpu_count(),

@@ -115,7 +115,8 @@ def any_flag(info: DistInfo, flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform's guess elsewhere): recorded in cards and benchmark reports."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -131,7 +132,7 @@ def hardware_info(info: DistInfo | None = None) -> dict[str, Any]:
     import torch
 
     hw: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
