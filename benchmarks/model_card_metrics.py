@@ -65,7 +65,10 @@ def evaluate(model: str, data: Path, io_steps: int, device: str = "cpu") -> dict
 
 def runs_from_report(report_path: Path, model: str) -> list[dict]:
     """``evaluate``-shaped runs of ``model`` (every io-steps value it ran) from an accuracy.py JSON report."""
-    report = json.loads(Path(report_path).read_text())
+    try:
+        report = json.loads(Path(report_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot read the accuracy report {report_path}: {exc}") from None
     if not report.get("complete", True):
         raise SystemExit(f"{report_path} is a partial report (the run did not finish)")
     runs = []
