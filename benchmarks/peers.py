@@ -441,7 +441,7 @@ def train_voxelmorph(cfg, out: str | os.PathLike, *, lr: float = VXM_DEFAULTS["l
                     opt.step()
                     step += 1
                     if step % max(1, log_every) == 0:
-                        log.write(f"{step},{float(loss):.6f},{float(sim):.6f},{float(reg):.6f},"
+                        log.write(f"{step},{loss.item():.6f},{sim.item():.6f},{reg.item():.6f},"
                                   f"{elapsed0 + time.perf_counter() - t_start:.1f}\n")
                         log.flush()
                     if step % max(1, save_every) == 0:

@@ -400,26 +400,50 @@ def json_ready(obj):
     return obj
 
 
+def _thread_budget() -> int:
+    """The user's thread setting (torch's, set by ``--threads``) when torch is loaded, else the core count."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else (os.cpu_count() or 1)
+
+
 def write_result(
     result: RegistrationResult, fixed, out, *, overwrite: bool = False, options: RegisterOptions | None = None,
     moving=None,
 ) -> dict[str, Path]:
     """Write the results into ``out`` (created): images in the fixed file's own voxel order and header."""
     import json
+    from concurrent.futures import ThreadPoolExecutor
 
     from .io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_volume
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = {
-        "warped": save_volume(result.warped, fixed, out / "warped.nii.gz", dtype=np.float32, overwrite=overwrite),
-        "jacobian": save_volume(result.jacobian.astype(np.float32), fixed, out / "jacobian.nii.gz", overwrite=overwrite),
-    }
-    disp_orig = disp_to_original_orientation(result.disp_native, fixed)
-    written["disp"] = save_disp_l2r(disp_orig, out / "disp.nii.gz", overwrite=overwrite)
-    written["disp_itk"] = save_disp_itk(disp_orig, fixed.original_affine, out / "disp_itk.nii.gz", overwrite=overwrite)
+    names = ["warped.nii.gz", "jacobian.nii.gz", "disp.nii.gz", "disp_itk.nii.gz", "metrics.json", "run.json"]
     if result.warped_seg is not None:
-        written["warped_seg"] = save_volume(result.warped_seg, fixed, out / "warped_seg.nii.gz", overwrite=overwrite)
+        names.append("warped_seg.nii.gz")
+    clash = [n for n in names if (out / n).exists()]
+    if clash and not overwrite:  # refuse before writing anything, so a refused run leaves the folder as it was
+        raise UserError(f"output files already exist in {out}: {', '.join(clash)}; "
+                        "use --overwrite or another output folder")
+    disp_orig = disp_to_original_orientation(result.disp_native, fixed)
+    jobs = {
+        "warped": lambda: save_volume(result.warped, fixed, out / "warped.nii.gz", dtype=np.float32,
+                                      overwrite=overwrite),
+        "jacobian": lambda: save_volume(result.jacobian.astype(np.float32), fixed, out / "jacobian.nii.gz",
+                                        overwrite=overwrite),
+        "disp": lambda: save_disp_l2r(disp_orig, out / "disp.nii.gz", overwrite=overwrite),
+        "disp_itk": lambda: save_disp_itk(disp_orig, fixed.original_affine, out / "disp_itk.nii.gz",
+                                          overwrite=overwrite),
+    }
+    if result.warped_seg is not None:
+        jobs["warped_seg"] = lambda: save_volume(result.warped_seg, fixed, out / "warped_seg.nii.gz",
+                                                 overwrite=overwrite)
+    # gzip compression dominates and zlib releases the GIL: the files compress in parallel threads
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), _thread_budget()))) as pool:
+        futures = {key: pool.submit(job) for key, job in jobs.items()}
+        written = {key: fut.result() for key, fut in futures.items()}
     for name, payload in (
         ("metrics.json", result.metrics),
         ("run.json", provenance(options or RegisterOptions(), result, fixed, moving)),

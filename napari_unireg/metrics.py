@@ -211,10 +211,12 @@ def hd95_per_label(
     """95th-percentile symmetric Hausdorff distance per label, in the units of ``spacing`` (mm).
 
     Labels empty in the fixed or the warped map are skipped (undefined). Each label is cropped to the union of
-    its two bounding boxes plus ``margin`` voxels before the distance transforms, which is exact (every surface
-    voxel lies inside the crop) and makes 35 brain labels take seconds.
+    its two bounding boxes plus ``margin`` voxels (exact: every surface voxel lies inside the crop). The
+    distance from a surface voxel to the other surface is a nearest-neighbour query of the other surface's
+    voxel centres in mm (a k-d tree): the same value a Euclidean distance transform reads, without transforming
+    every voxel of the crop.
     """
-    from scipy.ndimage import distance_transform_edt
+    from scipy.spatial import cKDTree
 
     f = _as_labels(fixed, "fixed labels")
     w = _as_labels(warped, "warped labels")
@@ -236,10 +238,11 @@ def hd95_per_label(
             slice(max(min(a.start, b.start) - margin, 0), min(max(a.stop, b.stop) + margin, n))
             for a, b, n in zip(bf[lab], bw[lab], f.shape)
         )
-        sa = _surface(f[crop] == lab)
-        sb = _surface(w[crop] == lab)
-        d_ab = distance_transform_edt(~sb, sampling=spacing)[sa]
-        d_ba = distance_transform_edt(~sa, sampling=spacing)[sb]
+        pa = np.argwhere(_surface(f[crop] == lab)) * spacing
+        pb = np.argwhere(_surface(w[crop] == lab)) * spacing
+        # unbalanced, uncompacted trees build 3x faster and query as fast on voxel grids
+        d_ab, _ = cKDTree(pb, balanced_tree=False, compact_nodes=False).query(pa, k=1, workers=-1)
+        d_ba, _ = cKDTree(pa, balanced_tree=False, compact_nodes=False).query(pb, k=1, workers=-1)
         out[lab] = float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
     return out
 
@@ -324,13 +327,19 @@ def _cropped_jacobian_checked(disp: Any) -> np.ndarray:
 
 def sdlogj(disp: Any) -> float:
     """Learn2Reg SDlogJ: ``std(log(clip(J + 3, 1e-9, 1e9)))`` over the 2-voxel-cropped volume (note the +3)."""
-    jac = _cropped_jacobian_checked(disp)
+    return _sdlogj_of(_cropped_jacobian_checked(disp))
+
+
+def _sdlogj_of(jac: np.ndarray) -> float:
     return float(np.log(np.clip(jac + 3.0, 1e-9, 1e9)).std())
 
 
 def folded_fraction(disp: Any) -> float:
     """Fraction of voxels with central-difference ``J ≤ 0`` in the 2-voxel-cropped volume."""
-    jac = _cropped_jacobian_checked(disp)
+    return _folded_fraction_of(_cropped_jacobian_checked(disp))
+
+
+def _folded_fraction_of(jac: np.ndarray) -> float:
     return float(np.count_nonzero(jac <= 0) / jac.size)
 
 
@@ -542,7 +551,8 @@ def evaluate_registration(
         if img.shape != grid:
             raise UserError(f"fixed image {tuple(img.shape)} is not on the displacement grid {tuple(grid)}")
         mask = img > 0
-    result["sdlogj"] = sdlogj(u)
-    result["folded_pct"] = folded_percent(u)
+    jac = _cropped_jacobian_checked(u)  # shared by SDlogJ and folding: the Jacobian is the costly part
+    result["sdlogj"] = _sdlogj_of(jac)
+    result["folded_pct"] = 100.0 * _folded_fraction_of(jac)
     result["ndv"] = ndv(u, mask)
     return result

@@ -77,5 +77,9 @@ def test_results_are_written_in_the_fixed_files_orientation(tmp_path):
     disp = nib.load(tmp_path / "out" / "disp.nii.gz").get_fdata()
     # Canonical axis 1 (P→A) is stored flipped: its component changes sign, the array is mirrored.
     assert np.allclose(disp[::-1, ::-1, :, 1], -res.disp_native[1], atol=1e-5)
-    with pytest.raises(UserError, match="exists"):
+    before = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "out").iterdir()}
+    (tmp_path / "out" / "jacobian.nii.gz").unlink()  # one file missing: the others still block the write
+    with pytest.raises(UserError, match="already exist.*warped.nii.gz"):
         write_result(res, fixed_lps, tmp_path / "out")
+    after = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "out").iterdir()}
+    assert after == {k: v for k, v in before.items() if k != "jacobian.nii.gz"}  # nothing written or touched

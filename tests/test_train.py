@@ -246,8 +246,29 @@ def test_one_step_decreases_the_loss_on_a_fixed_pair():
 
     before = loss()
     terms = train_step(model, opt, moving, fixed)
-    assert terms["loss"] == pytest.approx(before, rel=1e-5)
+    assert terms["loss"] == pytest.approx(before, rel=1e-5) and terms["skipped"] == 0
     assert loss() < before
+
+
+def test_a_step_with_non_finite_gradients_is_skipped():
+    from napari_unireg.models.registry import build_model
+    from napari_unireg.train.loop import train_step
+
+    torch.manual_seed(0)
+    model = build_model("dp-conv-c", **TINY)
+    fixed = torch.from_numpy(smooth_blob_volume(SHAPE, 0))[None, None]
+    moving = torch.roll(fixed, shifts=1, dims=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+    weight = next(p for p in model.parameters() if p.ndim == 5)
+    hook = weight.register_hook(lambda g: torch.full_like(g, float("nan")))  # what a faulty kernel returns
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    terms = train_step(model, opt, moving, fixed)
+    assert terms["skipped"] == 1 and np.isfinite(terms["loss"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update, no NaN weights
+    assert all(p.grad is None for p in model.parameters())
+    hook.remove()
+    assert train_step(model, opt, moving, fixed)["skipped"] == 0
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_plan_steps_directions_and_epochs(dataset):

@@ -46,6 +46,7 @@ LOG_FIELDS = [
     "data_seconds",
     "elapsed",
     "synthetic",
+    "skipped",
 ]
 VAL_FIELDS = ["step", "epoch", "dice", "ndv", "sdlogj", "folded_pct", "sim", "n_pairs", "seconds", "best"]
 
@@ -218,6 +219,7 @@ def train_step(
         loss = loss + dice_weight * dl
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()}); lower the learning rate or disable amp")
+    skipped = 0
     if scaler is not None:
         scaler.scale(loss).backward()
         if grad_clip:
@@ -227,15 +229,30 @@ def train_step(
         scaler.update()
     else:
         loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        if not _grads_finite(model):
+            # A finite loss with non-finite gradients: seen sporadically in oneDNN's bf16 weight gradients on
+            # CPUs without AMX. Skip the update, as GradScaler does for fp16, instead of poisoning the weights
+            # (with DDP the all-reduce spreads the NaN, so every rank skips together).
+            optimizer.zero_grad(set_to_none=True)
+            skipped = 1
+        else:
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
     return {
         "loss": float(loss.detach()),
         "sim": float(sim.detach()),
         "reg": float(reg.detach()),
         "dice_loss": float(dl.detach()),
+        "skipped": skipped,
     }
+
+
+def _grads_finite(model: Any) -> bool:
+    import torch
+
+    flags = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 # --------------------------------------------------------------------------------------------- validation
