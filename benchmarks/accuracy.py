@@ -398,6 +398,7 @@ def run(args) -> dict[str, Any]:
             "engine_seconds": engine_seconds,
             "conversion_checks": checks,
             "commands": commands,
+            "voxelmorph_card": vxm[1] if vxm is not None else None,
             "skipped": skipped,
         }
 

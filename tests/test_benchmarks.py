@@ -248,3 +248,48 @@ def test_train_voxelmorph_two_steps(tmp_path):
     assert res["steps"] == 2
     model, card = peers.load_voxelmorph(tmp_path / "vxm")
     assert card["nb_features"] == [4, 4, 4] and card["steps"] == 2
+
+
+# ----------------------------------------------------------------------------------------------- README tables
+def _stat(mean, std=0.0):
+    return {"mean": mean, "std": std, "n": 2}
+
+
+def _fake_report():
+    def row(dice, ndv, sec):
+        return {"dice": _stat(dice, 0.01), "hd95": _stat(3.5), "sdlogj": _stat(0.06), "ndv": _stat(ndv),
+                "folded_pct": _stat(0.0), "seconds": _stat(sec)}
+
+    return {
+        "order": ["identity (affine only)", "dp-vfa", "dp-vfa + IO 50", "greedy", "ants", "voxelmorph"],
+        "methods": {"dp-vfa": {"model": "dp-vfa", "io_steps": 0, "kind": "ours"},
+                    "dp-vfa + IO 50": {"model": "dp-vfa", "io_steps": 50, "kind": "ours"},
+                    "greedy": {"kind": "peer"}, "ants": {"kind": "peer"}, "voxelmorph": {"kind": "peer"}},
+        "summary": {"identity (affine only)": row(0.59, 0.0, 0.0), "dp-vfa": row(0.71, 0.01, 2.0),
+                    "dp-vfa + IO 50": row(0.73, 0.04, 20.0), "greedy": row(0.72, 0.0, 30.0),
+                    "ants": row(0.68, 0.0, 60.0), "voxelmorph": row(0.65, 0.0, 1.0)},
+        "voxelmorph_card": {"steps": 900},
+    }
+
+
+def test_readme_tables_render_the_report_and_judge_the_targets(tmp_path):
+    tables = pytest.importorskip("readme_tables")
+    rep = _fake_report()
+    table = tables.results_table(rep).splitlines()
+    assert len(table) == 2 + 6
+    assert table[3].startswith("| **dp-vfa** (default), network alone") and "| 0.710 ± 0.010 |" in table[3]
+    assert table[3].endswith("| 2.0 | ×15.0 |")  # Greedy's 30 s over our 2 s
+    assert table[-1].startswith("| VoxelMorph package (900 CPU steps) |") and table[-1].endswith("×30.0 |")
+    checks = tables.target_checks(rep)
+    assert "×15.0 Greedy's speed (target ≥ ×10: met)" in checks
+    assert "Dice 0.710 vs Greedy 0.720 (target ≥: **not met**)" in checks
+    assert "above ANTs SyN (0.680): 1 of 1 (met" in checks
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- results:start -->\nold\n<!-- results:end -->\nb\n"
+                      "<!-- targets:start -->\nold\n<!-- targets:end -->\nc\n")
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps(rep))
+    assert tables.main([str(report), "--update", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("a\n") and text.endswith("c\n") and "| 0.720 ± 0.010 |" in text
+    assert tables.main([str(tmp_path / "missing.json")]) == 2
