@@ -93,6 +93,16 @@ def _check_out_dir(out: Path, overwrite: bool, names=RESULT_FILES) -> None:
 def _progress_printer(quiet: bool):
     if quiet:
         return None, lambda: None
+    if not sys.stderr.isatty():
+        # logs and pipes get one line per stage, not a carriage-return bar redrawn hundreds of times
+        seen: list[str] = []
+
+        def stage_lines(stage: str, fraction: float) -> None:
+            if not seen or seen[-1] != stage:
+                seen.append(stage)
+                print(f"{stage} ...", file=sys.stderr, flush=True)
+
+        return stage_lines, lambda: None
     from tqdm import tqdm
 
     bar = tqdm(total=100, file=sys.stderr, bar_format="{desc:<12} {percentage:3.0f}%|{bar}| {elapsed}", leave=False)
