@@ -448,9 +448,7 @@ def write_result(
         ("metrics.json", result.metrics),
         ("run.json", provenance(options or RegisterOptions(), result, fixed, moving)),
     ):
-        path = out / name
-        if path.exists() and not overwrite:
-            raise UserError(f"{path} exists; use --overwrite")
+        path = out / name  # existing files were refused above, before anything was written
         tmp = path.with_name(f".{name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(json_ready(payload), indent=1))
         os.replace(tmp, path)

@@ -230,16 +230,22 @@ def test_synthesize_pair():
 
 
 # ----------------------------------------------------------------------------------------------- steps
-def test_one_step_decreases_the_loss_on_a_fixed_pair():
-    from napari_unireg.losses import registration_loss
+def _tiny_step_problem():
+    """A tiny dp-conv-c, its optimiser and a pair one voxel apart: ``(model, opt, moving, fixed)``."""
     from napari_unireg.models.registry import build_model
-    from napari_unireg.train.loop import train_step
 
     torch.manual_seed(0)
     model = build_model("dp-conv-c", **TINY)
     fixed = torch.from_numpy(smooth_blob_volume(SHAPE, 0))[None, None]
     moving = torch.roll(fixed, shifts=1, dims=2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True), moving, fixed
+
+
+def test_one_step_decreases_the_loss_on_a_fixed_pair():
+    from napari_unireg.losses import registration_loss
+    from napari_unireg.train.loop import train_step
+
+    model, opt, moving, fixed = _tiny_step_problem()
 
     def loss():
         with torch.no_grad():
@@ -252,14 +258,9 @@ def test_one_step_decreases_the_loss_on_a_fixed_pair():
 
 
 def test_a_step_with_non_finite_gradients_is_skipped():
-    from napari_unireg.models.registry import build_model
     from napari_unireg.train.loop import train_step
 
-    torch.manual_seed(0)
-    model = build_model("dp-conv-c", **TINY)
-    fixed = torch.from_numpy(smooth_blob_volume(SHAPE, 0))[None, None]
-    moving = torch.roll(fixed, shifts=1, dims=2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+    model, opt, moving, fixed = _tiny_step_problem()
     weight = next(p for p in model.parameters() if p.ndim == 5)
     hook = weight.register_hook(lambda g: torch.full_like(g, float("nan")))  # what a faulty kernel returns
     before = {k: v.clone() for k, v in model.state_dict().items()}
