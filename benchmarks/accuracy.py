@@ -10,7 +10,7 @@ Registers the validation pairs of a Learn2Reg data set (``registration_val`` of 
   ``python benchmarks/peers.py train-voxelmorph``). A missing peer is skipped and the report says why.
 
 Every method is scored the same way: from its displacement on the fixed image's canonical grid (voxel units,
-pull; the Learn2Reg convention) with :func:`napari_unireg.metrics.evaluate_registration`: Dice and HD95 over
+pull; the Learn2Reg convention) with :func:`napari_unireg.core.metrics.evaluate_registration`: Dice and HD95 over
 the labels, SDlogJ, NDV (mask = fixed image > 0), % of voxels with J ≤ 0; plus seconds per pair (the
 registration call only: for ours ``register_volumes``'s model loading + resampling + network + refinement, for a
 peer its registration call, measured in the same process, one after the other). Peer fields (ITK, LPS mm) are
@@ -135,7 +135,7 @@ def load_pair(fixed_entry, moving_entry) -> dict[str, Any]:
 
 def score(disp: np.ndarray, pair: dict[str, Any]) -> dict[str, Any]:
     """The report's metrics for one displacement (``3×X×Y×Z`` on the fixed canonical grid)."""
-    from napari_unireg.metrics import evaluate_registration
+    from napari_unireg.core.metrics import evaluate_registration
 
     fseg, mseg = pair["fixed_seg"], pair["moving_seg"]
     m = evaluate_registration(disp, None if fseg is None else fseg.data, None if mseg is None else mseg.data,
@@ -169,7 +169,7 @@ def our_methods(models: list[str] | None, io_steps: list[int]) -> list[dict[str,
 def run_ours(method: dict[str, Any], pair: dict[str, Any], device: str,
              prealign: str) -> tuple[np.ndarray, float, dict]:
     """``(disp on the fixed canonical grid, seconds, engine seconds)`` for one of our methods."""
-    from napari_unireg.engine import RegisterOptions, register_volumes
+    from napari_unireg.pipeline.register import RegisterOptions, register_volumes
 
     model = method["model"]
     opts = RegisterOptions(model=model if not Path(model).exists() else "default",
@@ -295,7 +295,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def _json_ready(obj):
-    from napari_unireg.engine import json_ready
+    from napari_unireg.pipeline.register import json_ready
 
     return json_ready(obj)
 
@@ -338,7 +338,7 @@ def run(args) -> dict[str, Any]:
     """The whole benchmark; returns the report (also written to ``args.out``)."""
     import torch
 
-    from napari_unireg.engine import resolve_device
+    from napari_unireg.pipeline.register import resolve_device
     from napari_unireg.errors import UserError
 
     if args.threads < 1:

@@ -332,7 +332,7 @@ def run_voxelmorph(model, card: dict, fixed, moving, device: str = "cpu") -> Pee
     import torch
     import torch.nn.functional as F
 
-    from napari_unireg.spatial import resize_flow
+    from napari_unireg.core.sample import resize_flow
 
     dev = torch.device(device)
     f = torch.from_numpy(np.ascontiguousarray(fixed.data, dtype=np.float32))[None, None].to(dev)
@@ -372,7 +372,7 @@ def train_voxelmorph(cfg, out: str | os.PathLike, *, lr: float = VXM_DEFAULTS["l
         import neurite as ne
 
     from napari_unireg.errors import UserError
-    from napari_unireg.engine import resolve_device
+    from napari_unireg.pipeline.register import resolve_device
     from napari_unireg.train.data import PairDataset, PairPlan, VolumeLoader, discover, make_loader
     from napari_unireg.train.loop import plan_steps
 

@@ -138,7 +138,7 @@ def source_files(data: list[str] | None) -> tuple[dict[str, str | None], str, bo
                 raise SystemExit(f"--data: {p} does not exist")
         files = dict(zip(ROLES, [*data, None, None][:4]))
         return files, "the pair " + ", ".join(Path(p).name for p in data), False
-    from napari_unireg.demo import demo_files
+    from napari_unireg.io.demo import demo_files
 
     f = demo_files()
     return ({r: f[r] for r in ROLES}, "the demo pair of `unireg demo` (MNI152 template + deformed copy, labels, "
@@ -259,8 +259,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     t_import = time.perf_counter()
     import torch
 
-    from napari_unireg import engine
-    from napari_unireg.engine_types import RegisterOptions
+    from napari_unireg.pipeline import register as engine
+    from napari_unireg.pipeline.types import RegisterOptions
     from napari_unireg.io import load_volume
 
     import_seconds = time.perf_counter() - t_import
@@ -435,7 +435,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out) -> tuple[Path, Path]:
     """``out`` (JSON, NaN → null) and the Markdown beside it, each atomically (tmp + ``os.replace``)."""
-    from napari_unireg.engine import json_ready
+    from napari_unireg.pipeline.register import json_ready
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

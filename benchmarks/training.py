@@ -58,7 +58,7 @@ def _our_step(model):
     def step(moving, fixed):
         if train_step is not None:
             return train_step(model, opt, moving, fixed, lam=1.0, symmetric=symmetric)
-        from napari_unireg.losses import registration_loss
+        from napari_unireg.core.losses import registration_loss
 
         model.train()
         opt.zero_grad(set_to_none=True)

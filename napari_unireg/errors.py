@@ -3,3 +3,7 @@
 
 class UserError(ValueError):
     """Bad input, missing file, unavailable device, ...: a one-line message naming the problem."""
+
+
+class Cancelled(Exception):
+    """Raised inside a computation when the caller's ``should_stop()`` returned True (not an error)."""

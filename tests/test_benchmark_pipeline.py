@@ -82,7 +82,7 @@ def test_prepare_inputs_at_1x_uses_the_files_and_otherwise_the_grid_shape(tmp_pa
 
 def test_child_measures_every_stage_of_the_user_path(tmp_path):
     """In-process run on a 32×48×32 pair: an untrained variant (random heads), pre-alignment and refinement."""
-    from napari_unireg import engine
+    from napari_unireg.pipeline import register as engine
 
     loader = engine.load_registration_model
     spec = {"model": "voxelmorph", "device": "cpu", "threads": 0, "scale": 0.2,

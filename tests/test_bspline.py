@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_unireg.bspline import (
+from napari_unireg.core.bspline import (
     UPPER_BOUNDS,
     bspline_upsample,
     bspline_weights,

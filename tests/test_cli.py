@@ -169,7 +169,7 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
 
 
 def test_progress_without_a_terminal_is_one_line_per_stage(capsys):
-    from napari_unireg.cli import _progress_printer
+    from napari_unireg.cli.register import _progress_printer
 
     progress, close = _progress_printer(quiet=False)  # pytest's captured stderr is not a TTY
     for stage, frac in [("load", 0.0), ("load", 1.0), ("prealign", 0.3), ("prealign", 0.9), ("inference", 0.5)]:

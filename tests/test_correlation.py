@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from napari_unireg.correlation import OFFSETS, local_correlation, reverse_correlation
+from napari_unireg.core.correlation import OFFSETS, local_correlation, reverse_correlation
 
 
 def _naive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from napari_unireg.instance_opt import instance_optimise
-from napari_unireg.metrics import folded_fraction
+from napari_unireg.core.instance_opt import instance_optimise
+from napari_unireg.core.metrics import folded_fraction
 
 
 def _blobs(shape, seed):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_unireg.inversion import AndersonOptions, anderson_solve, invert_displacement, inversion_residual
-from napari_unireg.spatial import compose
+from napari_unireg.core.inversion import AndersonOptions, anderson_solve, invert_displacement, inversion_residual
+from napari_unireg.core.sample import compose
 
 
 @pytest.fixture(autouse=True, scope="module")

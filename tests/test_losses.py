@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import maximum_filter, minimum_filter, uniform_filter
 
-from napari_unireg.losses import box_filter, diffusion, dice_loss, ncc_vfa, registration_loss
-from napari_unireg.spatial import warp
+from napari_unireg.core.losses import box_filter, diffusion, dice_loss, ncc_vfa, registration_loss
+from napari_unireg.core.sample import warp
 
 from conftest import smooth_blob_volume
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from napari_unireg import metrics as M
+from napari_unireg.core import metrics as M
 from napari_unireg.errors import UserError
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from napari_unireg.errors import UserError
 from napari_unireg.models import checkpoint as ckpt
 from napari_unireg.models.registry import DP_MODELS, MODEL_NAMES, build_model, list_models, load_pretrained
-from napari_unireg.spatial import compose
+from napari_unireg.core.sample import compose
 
 PARAMS = {  # §7: (encoder, decoder, total)
     "dp-conv-mf": (507_504, 2_346_575, 2_854_079),
@@ -359,8 +359,9 @@ def test_sitreg_symmetry():
 
 # ---- fast paths equal the reference ones ----------------------------------------------------------------------
 def test_fastops_match_reference():
-    from napari_unireg import correlation, spatial
-    from napari_unireg.models import fastops
+    from napari_unireg.core import correlation
+    from napari_unireg.core import sample as spatial
+    from napari_unireg.core import fastops
 
     g = torch.Generator().manual_seed(12)
     img = torch.randn(2, 5, 10, 12, 14, generator=g)

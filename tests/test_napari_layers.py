@@ -11,7 +11,7 @@ from napari_unireg._napari.metrics_widget import label_table, summary_table, to_
 from napari_unireg._napari.ortho_views import plane_layout
 from napari_unireg._napari.runs import RunStore
 from napari_unireg._napari.status import append_to_status, readout
-from napari_unireg.engine_types import RegistrationResult
+from napari_unireg.pipeline.types import RegistrationResult
 
 SHAPE = (16, 18, 14)
 
@@ -25,7 +25,7 @@ def affine_field(shape, M, c=None):
 
 
 def fake_run(store=None, M=None, spacing=(1.0, 1.0, 1.0), seg=True, model="toy"):
-    from napari_unireg.metrics import jacobian_determinant
+    from napari_unireg.core.metrics import jacobian_determinant
 
     M = np.diag([1.1, 0.9, 1.0]) if M is None else M
     disp = affine_field(SHAPE, M)

@@ -10,8 +10,9 @@ import pytest
 
 from napari_unireg.errors import UserError
 from napari_unireg.io import load_volume, volume_from_array
-from napari_unireg.prealign import AffineResult, affine_prealign, mask_overlap
-from napari_unireg.preprocess import resample_affine, resample_to_spacing
+from napari_unireg.core.prealign import AffineResult, affine_prealign, mask_overlap
+from napari_unireg.core.resample import resample_affine
+from napari_unireg.pipeline.model_grid import resample_to_spacing
 
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:

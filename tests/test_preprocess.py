@@ -1,4 +1,4 @@
-"""preprocess.py: 1 mm resampling, intensity normalisation, crop/pad and the model grid <-> native mappings."""
+"""core/intensity.py, core/resample.py, pipeline/model_grid.py: 1 mm resampling, intensity normalisation, crop/pad and the model grid <-> native mappings."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import pytest
 from conftest import smooth_blob_volume
 from napari_unireg.errors import UserError
 from napari_unireg.io import load_volume, volume_from_array
-from napari_unireg.preprocess import (
-    MODEL_SHAPE,
-    crop_or_pad,
-    is_normalized,
-    normalize_intensity,
-    resample_affine,
-    resample_to_spacing,
-    to_model_grid,
-    undo_crop_or_pad,
-)
+from napari_unireg.core.intensity import MODEL_SHAPE, crop_or_pad, is_normalized, normalize_intensity, undo_crop_or_pad
+from napari_unireg.core.resample import resample_affine
+from napari_unireg.pipeline.model_grid import resample_to_spacing, to_model_grid
 
 
 def _world(affine, idx):

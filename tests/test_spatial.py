@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unireg.spatial import (
+from napari_unireg.core.sample import (
     compose,
     identity_grid,
     integrate_velocity,
@@ -121,7 +121,7 @@ def test_warp_rejects_grid_mismatch():
 
 
 def test_upsample_pooled_flow_matches_pooled_geometry():
-    from napari_unireg.spatial import upsample_pooled_flow
+    from napari_unireg.core.sample import upsample_pooled_flow
 
     # A linear field on the full grid, pooled by 2, then brought back: exact away from the outer half voxel.
     shape = (16, 12, 10)

@@ -180,7 +180,7 @@ def test_pair_dataset_half_resolution(dataset):
     ds = PairDataset(tset, cfg, PairPlan(4, tset.excluded), VolumeLoader(SHAPE, 2, cache_size=2), want_labels=True)
     item = ds[0]
     assert item["moving"].shape == (1, 8, 8, 8) and item["moving_label"].shape == (1, 8, 8, 8)
-    from napari_unireg.preprocess import normalize_intensity
+    from napari_unireg.core.intensity import normalize_intensity
 
     full = normalize_intensity(nib.load(tset.entries[ds.plan(0).a].image).get_fdata(dtype=np.float32))
     expected = full.reshape(8, 2, 8, 2, 8, 2).mean(axis=(1, 3, 5))
@@ -242,7 +242,7 @@ def _tiny_step_problem():
 
 
 def test_one_step_decreases_the_loss_on_a_fixed_pair():
-    from napari_unireg.losses import registration_loss
+    from napari_unireg.core.losses import registration_loss
     from napari_unireg.train.loop import train_step
 
     model, opt, moving, fixed = _tiny_step_problem()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_unireg import metrics as M
+from napari_unireg.core import metrics as M
 from napari_unireg.errors import UserError
 from napari_unireg.viz import colors as C
 from napari_unireg.viz import panels as P
@@ -127,7 +127,7 @@ def test_jacobian_slice_near_the_border_is_one():
 def test_difference_and_deformed_panels_are_the_warp(pair, axis):
     import torch
 
-    from napari_unireg.spatial import warp
+    from napari_unireg.core.sample import warp
 
     fixed, moving, fseg, mseg = pair
     methods = _methods(2)
@@ -316,7 +316,7 @@ def test_subject_id():
 def test_cli_figure_with_models_calls_the_engine(pair, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    import napari_unireg.engine as engine
+    import napari_unireg.pipeline.register as engine
     from napari_unireg.cli import main
 
     files, methods = _write_case(tmp_path, pair)

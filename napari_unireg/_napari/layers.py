@@ -86,7 +86,7 @@ def warp_array(vol: np.ndarray, disp: np.ndarray, labels: bool = False) -> np.nd
     """Pull ``vol`` (``X×Y×Z`` or ``C×X×Y×Z``) through ``disp`` (``3×X×Y×Z``) with the engine's warp."""
     import torch
 
-    from napari_unireg import spatial
+    from napari_unireg.core import sample as spatial
 
     v = np.asarray(vol)
     chan = v.ndim == 4

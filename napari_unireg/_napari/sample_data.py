@@ -7,13 +7,13 @@ from typing import Any
 
 def _demo_volumes() -> tuple[Any, Any, Any, Any]:
     """(fixed, moving, fixed_seg, moving_seg) Volumes of the demo pair."""
-    from napari_unireg import demo
+    from napari_unireg.io import demo
 
     for name in ("demo_pair", "demo_volumes"):  # files cached by the demo module: real NIfTI headers
         fn = getattr(demo, name, None)
         if fn is not None:
             return tuple(fn())[:4]
-    from napari_unireg.demo_data import make_demo_pair
+    from napari_unireg.io.demo_data import make_demo_pair
     from napari_unireg.io import volume_from_array
 
     p = make_demo_pair()
@@ -27,7 +27,7 @@ def _demo_volumes() -> tuple[Any, Any, Any, Any]:
 
 def _label_names() -> dict[int, str]:
     try:
-        from napari_unireg.demo_data import DEMO_LABELS
+        from napari_unireg.io.demo_data import DEMO_LABELS
     except ImportError:
         return {}
     return dict(DEMO_LABELS)

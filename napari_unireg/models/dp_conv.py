@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..spatial import upsample_flow
-from .fastops import compose, local_correlation, warp
+from ..core.sample import upsample_flow
+from ..core.fastops import compose, local_correlation, warp
 from .base import RegistrationModel
 from .blocks import FlowHead, ResBlock
 from .encoder import ENC_CHANNELS, PyramidEncoder

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..bspline import UPPER_BOUNDS, bspline_upsample, max_control_point, sample_at_level
-from ..correlation import reverse_correlation
-from ..inversion import invert_displacement
-from .fastops import compose, local_correlation, warp
+from ..core.bspline import UPPER_BOUNDS, bspline_upsample, max_control_point, sample_at_level
+from ..core.correlation import reverse_correlation
+from ..core.inversion import invert_displacement
+from ..core.fastops import compose, local_correlation, warp
 from .base import RegistrationModel
 from .blocks import FlowHead, ResBlock
 from .dp_conv import DEC_CHANNELS, N_CORR

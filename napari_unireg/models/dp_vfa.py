@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..correlation import OFFSETS
+from ..core.correlation import OFFSETS
 from .base import RegistrationModel
 from .dp_conv import coarse_to_fine, encode_pair
 from .blocks import conv3d_slabs
 from .encoder import ENC_CHANNELS, PyramidEncoder
-from .fastops import full_precision, window_dots
+from ..core.fastops import full_precision, window_dots
 from .output import RegistrationOutput
 
 __all__ = ["DPVFA", "VFABlock", "window_logits", "attention_displacement"]

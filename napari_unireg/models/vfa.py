@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spatial import resize_flow
+from ..core.sample import resize_flow
 from .base import RegistrationModel
 from .blocks import NEG_SLOPE, init_kaiming_encoder
 from .dp_conv import coarse_to_fine, encode_pair

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spatial import integrate_velocity, resize_flow
+from ..core.sample import integrate_velocity, resize_flow
 from .base import RegistrationModel
 from .blocks import FlowHead
 from .output import RegistrationOutput

@@ -159,7 +159,7 @@ def augment_pair(pair: dict[str, Any], rng: np.random.Generator, cfg: Any, facto
     """Augment ``moving`` and ``fixed`` (numpy ``S`` arrays) independently; labels follow their image."""
     import torch
 
-    from ..spatial import warp, warp_labels
+    from ..core.sample import warp, warp_labels
 
     out = dict(pair)
     for side in ("moving", "fixed"):

@@ -378,12 +378,13 @@ def _is_box(vol: Any, grid: tuple[int, ...]) -> bool:
 def load_model_grid(path: str, kind: str, grid_shape: Sequence[int], ref_image: str | None = None) -> np.ndarray:
     """One volume on the model grid (canonical RAS, 1 mm, ``grid_shape``): image float32 [0, 1] or labels int.
 
-    Same preparation as ``unireg register`` (:func:`napari_unireg.preprocess.to_model_grid`), with a fast path
+    Same preparation as ``unireg register`` (:func:`napari_unireg.pipeline.model_grid.to_model_grid`), with a fast path
     for files already in the Learn2Reg box. A label map with ``ref_image`` (its image) follows the image's
     crop/pad so both stay aligned.
     """
     from ..io import load_volume
-    from ..preprocess import is_normalized, normalize_intensity, to_model_grid
+    from ..core.intensity import is_normalized, normalize_intensity
+    from ..pipeline.model_grid import to_model_grid
 
     grid = tuple(int(s) for s in grid_shape)
     vol = load_volume(path, kind=kind)

@@ -169,8 +169,8 @@ def _onehot(labels, k: int):
 
 
 def _dice_term(fixed_lab, moving_lab, disp):
-    from ..losses import dice_loss
-    from ..spatial import warp
+    from ..core.losses import dice_loss
+    from ..core.sample import warp
 
     k = int(max(int(fixed_lab.max()), int(moving_lab.max()))) + 1
     if k < 2:
@@ -197,7 +197,7 @@ def train_step(
     """One optimiser step on a batch: §8 loss (symmetric for IC models), optional Dice term. Returns the terms."""
     import torch
 
-    from ..losses import registration_loss
+    from ..core.losses import registration_loss
     from ..models.output import RegistrationOutput
 
     model.train()
@@ -264,9 +264,9 @@ def validate(model: Any, tset: TrainingSet, cfg: Config, device: Any, amp_dtype:
     """
     import torch
 
-    from ..losses import ncc_vfa
-    from ..metrics import dice_mean, folded_percent, ndv, sdlogj, warp_labels_nearest
-    from ..spatial import resize_flow, upsample_pooled_flow, warp
+    from ..core.losses import ncc_vfa
+    from ..core.metrics import dice_mean, folded_percent, ndv, sdlogj, warp_labels_nearest
+    from ..core.sample import resize_flow, upsample_pooled_flow, warp
 
     pairs = tset.val_pairs[: cfg.val.max_pairs] if cfg.val.max_pairs else tset.val_pairs
     if not pairs:

@@ -128,7 +128,7 @@ def synthesize_pair(
     """
     import torch
 
-    from ..spatial import warp_labels
+    from ..core.sample import warp_labels
 
     contrast = cfg.contrast
     if contrast == "mixed":

@@ -129,8 +129,8 @@ def _slices_for(args, shapes_axes) -> list[int | None]:
 
 
 def _register_models(names, fixed, moving, fixed_seg, moving_seg, device: str) -> dict:
-    from ..engine import register_volumes
-    from ..engine_types import RegisterOptions
+    from ..pipeline.register import register_volumes
+    from ..pipeline.types import RegisterOptions
 
     disps = {}
     for name in names:

@@ -4,7 +4,7 @@ Conventions (``napari_unireg/spatial.py``): volumes are ``D0×D1×D2`` arrays, a
 in voxel units with the pull convention ``warped(p) = moving(p + u(p))`` (``1×3×S`` and channel-last ``S×3``
 are accepted too). Warps use scipy, not torch: images and the deformation grid with
 ``map_coordinates(order=1, mode='nearest')`` (= ``grid_sample`` bilinear, border padding, align_corners=True),
-label maps with ``order=0`` and zero fill (the evaluation convention of :mod:`napari_unireg.metrics`). Only
+label maps with ``order=0`` and zero fill (the evaluation convention of :mod:`napari_unireg.core.metrics`). Only
 the requested slice is sampled, so a panel costs a 2-D interpolation, whatever the volume size.
 
 Slice orientation (ARCHITECTURE.md §12): the 2-D slice ``vol.take(index, axis)`` (array axes ``a < b``) is
@@ -251,11 +251,11 @@ def grid_slice(disp: Any, axis: int = 2, index: int | None = None, step: int = 8
 
 
 def jacobian_slice(disp: Any, axis: int = 2, index: int | None = None) -> np.ndarray:
-    """The slice of :func:`napari_unireg.metrics.jacobian_determinant` (central differences, border 2 = 1).
+    """The slice of :func:`napari_unireg.core.metrics.jacobian_determinant` (central differences, border 2 = 1).
 
     Computed on the 5-slice slab around the slice, which gives exactly the full-volume values.
     """
-    from ..metrics import jacobian_determinant
+    from ..core.metrics import jacobian_determinant
 
     u = as_disp(disp)
     shape = u.shape[1:]

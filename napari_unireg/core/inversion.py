@@ -2,7 +2,7 @@
 
 For a displacement ``a`` (``B×3×S``, voxels, pull convention) the inverse ``v`` solves the fixed point
 ``v(p) = −a(p + v(p))`` (so that ``φ_a ∘ φ_v = id``), with ``a`` sampled trilinearly with border
-extrapolation (:func:`napari_unireg.spatial.warp`). ARCHITECTURE.md §5:
+extrapolation (:func:`napari_unireg.core.sample.warp`). ARCHITECTURE.md §5:
 
 * forward: Anderson acceleration (memory 4, β = 1, ridge 1e-4 on the Gram matrix), initial guess ``−a``, stop when
   ``max|v_new − v_old| < tol`` (1e-2 voxel) over the whole batch, between 2 and 50 iterations;
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.fastops import warp  # same result as spatial.warp, cheaper grid construction
+from .fastops import warp  # same result as sample.warp, cheaper grid construction
 
 __all__ = ["AndersonOptions", "anderson_solve", "invert_displacement", "inversion_residual"]
 

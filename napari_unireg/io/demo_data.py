@@ -147,10 +147,10 @@ def make_demo_pair(seed: int = 0) -> DemoPair:
 
 
 def _inverse(disp: np.ndarray) -> np.ndarray:
-    """Inverse of a smooth displacement by the fixed-point solver of :mod:`napari_unireg.inversion`."""
+    """Inverse of a smooth displacement by the fixed-point solver of :mod:`napari_unireg.core.inversion`."""
     import torch
 
-    from .inversion import invert_displacement
+    from ..core.inversion import invert_displacement
 
     with torch.no_grad():
         inv = invert_displacement(torch.from_numpy(disp)[None], max_iter=100, tol=1e-3)

@@ -8,16 +8,14 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import Cancelled  # noqa: F401  (re-exported with the types that use it)
+
 #: ``progress(stage, fraction)``: stage is one of STAGES, fraction in [0, 1] within that stage.
 ProgressCallback = Callable[[str, float], None]
 #: Polled between steps; returning True cancels the run (raises :class:`Cancelled`).
 StopCallback = Callable[[], bool]
 
 STAGES = ("load", "prealign", "inference", "refinement", "metrics", "write")
-
-
-class Cancelled(Exception):
-    """Raised inside the engine when ``should_stop()`` returned True."""
 
 
 @dataclass

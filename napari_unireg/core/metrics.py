@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "warp_labels_nearest",

@@ -8,7 +8,7 @@ Volumes
     writes results back in the user's voxel order with the user's header (qform/sform kept).
 
 Displacement fields (in memory: ``3×X×Y×Z``, voxel units of their grid, channel ``c`` = array axis ``c``, pull
-convention ``warped(p) = moving(p + u(p))``; see :mod:`napari_unireg.spatial`)
+convention ``warped(p) = moving(p + u(p))``; see :mod:`napari_unireg.core.sample`)
     * Learn2Reg files (:func:`save_disp_l2r` / :func:`load_disp_l2r`): ``X×Y×Z×3`` float32, voxel units, pull,
       channel = array axis, ``Nifti1Image(data, eye(4))`` (ARCHITECTURE.md §11).
     * ITK/ANTs files (:func:`save_disp_itk` / :func:`load_disp_itk`): ``X×Y×Z×1×3`` float32 vector NIfTI
@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "Volume",

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .engine_types import Cancelled
-from .spatial import resize_flow, upsample_pooled_flow, warp
+from ..errors import Cancelled
+from .sample import resize_flow, upsample_pooled_flow, warp
 
 #: Defaults chosen on two validation pairs after dp-vfa (50 steps): λ=1 without the folding term gave Dice
 #: 0.748 with NDV 0.51 %; λ=2 with the term gives 0.751 / 0.06 % on the harder pair (0003←0007).

@@ -1,4 +1,4 @@
-"""``unireg``: the command line front end of the engine.
+"""``unireg``: the argument parser and the dispatch of the sub-commands (each in its own module).
 
 Subcommands: ``register``, ``models``, ``demo``, ``figure``, ``train``. User errors print one line and exit with
 status 2; nothing is written over an existing result unless ``--overwrite`` is given.
@@ -9,21 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from .errors import UserError
-
-#: Files `register` writes; an output folder holding any of them is refused without --overwrite.
-RESULT_FILES = (
-    "warped.nii.gz",
-    "disp.nii.gz",
-    "disp_itk.nii.gz",
-    "warped_seg.nii.gz",
-    "jacobian.nii.gz",
-    "metrics.json",
-    "run.json",
-)
-
+from ..errors import UserError
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="registry name (see `unireg models`), 'default' or 'classical'")
@@ -45,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unireg",
         description="Unsupervised deep-learning deformable registration of 3D brain MRI (napari-unireg).",
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"napari-unireg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -82,83 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_out_dir(out: Path, overwrite: bool, names=RESULT_FILES) -> None:
-    existing = [n for n in names if (out / n).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{out} already holds results ({', '.join(existing)}); use --overwrite or another --out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-
-
-def _progress_printer(quiet: bool):
-    if quiet:
-        return None, lambda: None
-    if not sys.stderr.isatty():
-        # logs and pipes get one line per stage, not a carriage-return bar redrawn hundreds of times
-        seen: list[str] = []
-
-        def stage_lines(stage: str, fraction: float) -> None:
-            if not seen or seen[-1] != stage:
-                seen.append(stage)
-                print(f"{stage} ...", file=sys.stderr, flush=True)
-
-        return stage_lines, lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=100, file=sys.stderr, bar_format="{desc:<12} {percentage:3.0f}%|{bar}| {elapsed}", leave=False)
-    stage_weights = {"load": 5, "prealign": 10, "inference": 35, "refinement": 25, "metrics": 15, "write": 10}
-    order = list(stage_weights)
-
-    def progress(stage: str, fraction: float) -> None:
-        done = sum(stage_weights[s] for s in order[: order.index(stage)]) if stage in order else 0
-        bar.set_description_str(stage)
-        bar.n = min(100, done + stage_weights.get(stage, 0) * fraction)
-        bar.refresh()
-
-    return progress, bar.close
-
-
-def run_and_write(fixed, moving, fixed_seg, moving_seg, args):
-    """Register with the CLI's options and write the results into ``args.out``; returns the RegistrationResult."""
-    from .engine import options_from_args, register_volumes, write_result
-
-    out = Path(args.out)
-    options = options_from_args(args)
-    progress, close = _progress_printer(args.quiet)
-    try:
-        result = register_volumes(fixed, moving, fixed_seg, moving_seg, options=options, progress=progress)
-    finally:
-        close()
-    write_result(result, fixed, out, overwrite=args.overwrite, options=options, moving=moving)
-    return result
-
-
-def _summary(metrics: dict) -> str:
-    parts = [f"model {metrics.get('model')} on {metrics.get('device')}"]
-    if not metrics.get("weights_trained", True):
-        parts.append("UNTRAINED weights")
-    if metrics.get("dice_before") is not None:
-        parts.append(f"Dice {metrics['dice_before']:.3f} -> {metrics['dice']:.3f}")
-    if metrics.get("hd95") is not None:
-        parts.append(f"HD95 {metrics['hd95']:.2f} mm")
-    parts.append(f"SDlogJ {metrics['sdlogj']:.3f}")
-    parts.append(f"NDV {metrics['ndv']:.4f} %")
-    parts.append(f"folded {metrics['folded_pct']:.4f} %")
-    parts.append(f"{metrics['seconds']['total']:.1f} s")
-    return ", ".join(parts)
-
-
 def _cmd_register(args) -> int:
-    from .io import load_volume
+    from .register import cmd_register
 
-    _check_out_dir(Path(args.out), args.overwrite)
-    fixed = load_volume(args.fixed, kind="image")
-    moving = load_volume(args.moving, kind="image")
-    fixed_seg = load_volume(args.fixed_seg, kind="label") if args.fixed_seg else None
-    moving_seg = load_volume(args.moving_seg, kind="label") if args.moving_seg else None
-    print(_summary(run_and_write(fixed, moving, fixed_seg, moving_seg, args).metrics))
-    print(f"results in {Path(args.out).resolve()}")
-    return 0
+    return cmd_register(args)
 
 
 def _cmd_demo(args) -> int:
@@ -168,7 +82,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from .models.registry import list_models
+    from ..models.registry import list_models
 
     infos = list_models()
     if args.json:

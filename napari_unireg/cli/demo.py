@@ -2,54 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-
-
-def demo_cache_dir() -> Path:
-    """Where the generated demo NIfTI files are kept between runs (built once, a few seconds)."""
-    base = os.environ.get("UNIREG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "napari-unireg")
-    return Path(base) / "demo-v1"
-
-
-def demo_files(seed: int = 0) -> dict[str, str]:
-    """Paths of the demo NIfTI files (fixed, moving, fixed_seg, moving_seg, true_disp), building them if needed."""
-    from .demo_data import make_demo_pair, write_demo_pair
-
-    folder = demo_cache_dir() / f"seed{seed}"
-    names = {r: folder / f"demo_{r}.nii.gz" for r in ("fixed", "moving", "fixed_seg", "moving_seg")}
-    truth = folder / "demo_true_disp.npy"
-    if not all(p.exists() for p in names.values()) or not truth.exists():
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        write_demo_pair(tmp, seed)
-        np.save(tmp / truth.name, make_demo_pair(seed).true_disp)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.exists():  # another process won the race
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    out = {k: str(v) for k, v in names.items()}
-    out["true_disp"] = str(truth)
-    return out
-
-
-def demo_volumes(seed: int = 0):
-    """(fixed, moving, fixed_seg, moving_seg) Volumes of the demo pair."""
-    from .io import load_volume
-
-    f = demo_files(seed)
-    return (
-        load_volume(f["fixed"], kind="image"),
-        load_volume(f["moving"], kind="image"),
-        load_volume(f["fixed_seg"], kind="label"),
-        load_volume(f["moving_seg"], kind="label"),
-    )
+from ..errors import UserError
 
 
 def write_slice_pngs(fixed, moving, result, fixed_seg, moving_seg, out: Path, overwrite: bool = False) -> list[Path]:
@@ -57,7 +14,7 @@ def write_slice_pngs(fixed, moving, result, fixed_seg, moving_seg, out: Path, ov
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from .viz import comparison_figure, default_slice_index, save_figure
+    from ..viz import comparison_figure, default_slice_index, save_figure
 
     paths = []
     for axis in (0, 1, 2):
@@ -81,10 +38,11 @@ def write_slice_pngs(fixed, moving, result, fixed_seg, moving_seg, out: Path, ov
 
 def run_demo(args) -> int:
     """The `unireg demo` command: builds/loads the pair, registers, writes outputs and PNGs, prints a summary."""
-    from .cli import _check_out_dir, _summary, run_and_write
+    from ..io.demo import demo_files, demo_volumes
+    from .register import check_out_dir, run_and_write, summary
 
     out = Path(args.out)
-    _check_out_dir(out, args.overwrite)
+    check_out_dir(out, args.overwrite)
     print("demo pair: MNI152 2009a template (nilearn) vs. the same brain through a known smooth deformation")
     fixed, moving, fixed_seg, moving_seg = demo_volumes()
     result = run_and_write(fixed, moving, fixed_seg, moving_seg, args)
@@ -100,7 +58,7 @@ def run_demo(args) -> int:
     err = np.linalg.norm(result.disp_native - truth, axis=0)[fixed.data > 0]
     zero = np.linalg.norm(truth, axis=0)[fixed.data > 0]
     m = result.metrics
-    print(_summary(m))
+    print(summary(m))
     print(f"displacement error vs. the known deformation: {err.mean():.2f} mm mean (before: {zero.mean():.2f} mm)")
     print(f"results in {out.resolve()} ({len(pngs)} PNG figures)")
     if m.get("dice") is not None and m["dice"] <= m["dice_before"]:

@@ -1,9 +1,9 @@
 """Faster drop-in versions of the hot spatial operations, identical in result to the reference ones.
 
-* :func:`warp` / :func:`compose` equal :func:`napari_unireg.spatial.warp` / ``compose`` but build the sampling
+* :func:`warp` / :func:`compose` equal :func:`napari_unireg.core.sample.warp` / ``compose`` but build the sampling
   grid in two passes from a cached normalised identity grid (the reference builds the identity grid, adds,
   scales, shifts, permutes and flips: six passes and five full-size allocations per call).
-* :func:`window_dots` / :func:`local_correlation` equal :func:`napari_unireg.correlation.local_correlation`
+* :func:`window_dots` / :func:`local_correlation` equal :func:`napari_unireg.core.correlation.local_correlation`
   (bitwise) but work slab by slab along axis 0 so that the 27 products stay in cache: about 3× faster on CPU
   and no ``C×S`` temporary per offset. The slab loop runs on one intra-op thread (many small ops). With
   gradients they fall back to the plain (differentiable) form.
@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from ..correlation import OFFSETS
+from .correlation import OFFSETS
 
 __all__ = ["warp", "compose", "window_dots", "local_correlation", "clear_cache", "full_precision", "geometry_mode"]
 
@@ -92,7 +92,7 @@ def sampling_grid(disp: torch.Tensor) -> torch.Tensor:
 
 
 def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
-    """Same as :func:`napari_unireg.spatial.warp` (float images): ``out(p) = image(p + disp(p))``.
+    """Same as :func:`napari_unireg.core.sample.warp` (float images): ``out(p) = image(p + disp(p))``.
 
     Under autocast the sampling runs in float32 (half-precision inputs are promoted; the result is float32):
     a float16 grid would misplace samples by ~0.1 voxel on a 224-voxel axis.
@@ -146,7 +146,7 @@ def window_dots(query: torch.Tensor, keys_padded: torch.Tensor, scale: float) ->
 
 
 def local_correlation(anchor: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
-    """Same as :func:`napari_unireg.correlation.local_correlation` (zero padding, ``1/√C``)."""
+    """Same as :func:`napari_unireg.core.correlation.local_correlation` (zero padding, ``1/√C``)."""
     if anchor.shape != shifted.shape:
         raise ValueError(f"local_correlation: shapes differ {tuple(anchor.shape)} vs {tuple(shifted.shape)}")
     return window_dots(anchor, F.pad(shifted, (1, 1, 1, 1, 1, 1)), 1.0 / math.sqrt(anchor.shape[1]))

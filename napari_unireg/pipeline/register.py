@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine_types import Cancelled, ProgressCallback, RegisterOptions, RegistrationResult, StopCallback
-from .errors import UserError
+from .types import Cancelled, ProgressCallback, RegisterOptions, RegistrationResult, StopCallback
+from ..errors import UserError
 
 __all__ = [
     "available_devices",
@@ -70,7 +70,7 @@ def resolve_device(name: str):
 
 def default_model_name() -> str:
     """The bundled model with the best validation Dice in its card; the classical method when none is bundled."""
-    from .models.registry import list_models
+    from ..models.registry import list_models
 
     best, best_dice = CLASSICAL, -1.0
     for info in list_models():
@@ -139,7 +139,7 @@ def load_registration_model(options: RegisterOptions, device) -> tuple[Any, dict
         name = default_model_name()
     if name == CLASSICAL:
         return None, {"name": CLASSICAL, "resolution": "half"}, True
-    from .models.registry import build_model, list_models, load_pretrained
+    from ..models.registry import build_model, list_models, load_pretrained
 
     known = {m.name: m for m in list_models()}
     if options.checkpoint is None and name in known and not known[name].weights:
@@ -158,7 +158,7 @@ def _predict(model, fixed_t, moving_t, resolution: str, device, amp: bool):
     import torch
     import torch.nn.functional as F
 
-    from .spatial import resize_flow, upsample_pooled_flow
+    from ..core.sample import resize_flow, upsample_pooled_flow
 
     shape = tuple(fixed_t.shape[2:])
     f, m = fixed_t, moving_t
@@ -199,14 +199,15 @@ def register_volumes(
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (canonical Volumes); see the module docstring for the path.
 
-    ``progress(stage, fraction)`` reports the stages of :data:`~napari_unireg.engine_types.STAGES`;
+    ``progress(stage, fraction)`` reports the stages of :data:`~napari_unireg.pipeline.types.STAGES`;
     ``should_stop()`` is polled between steps and raises :class:`Cancelled` when it returns True.
     """
     import torch
 
-    from .instance_opt import instance_optimise
-    from .metrics import evaluate_registration, jacobian_determinant
-    from .preprocess import is_normalized, normalize_intensity, to_model_grid
+    from ..core.instance_opt import instance_optimise
+    from ..core.metrics import evaluate_registration, jacobian_determinant
+    from ..core.intensity import is_normalized, normalize_intensity
+    from .model_grid import to_model_grid
     options = options or RegisterOptions()
     _check_options(options)
     _check_inputs(fixed, moving, fixed_seg, moving_seg)
@@ -230,7 +231,7 @@ def register_volumes(
     report("load", 1.0)
     matrix = None
     if options.prealign == "affine":
-        from .prealign import affine_prealign
+        from ..core.prealign import affine_prealign
 
         report("prealign", 0.0)
         try:
@@ -302,7 +303,7 @@ def register_volumes(
         disp_model, fixed_seg_m if both else None, moving_seg_m if both else None, fixed_image=fixed_m
     )
     if inverse_model is not None:
-        from .metrics import inverse_consistency_error
+        from ..core.metrics import inverse_consistency_error
 
         metrics["inverse_consistency"] = inverse_consistency_error(disp_model, inverse_model)
     seconds["metrics"] = time.perf_counter() - t
@@ -341,7 +342,7 @@ def _to_native(disp_model, mapping, matrix, fixed, moving, moving_seg):
     coordinates (pre-alignment folded in), and the moving image/labels sampled once from their own grid."""
     from scipy.ndimage import map_coordinates
 
-    from .spatial import identity_grid
+    from ..core.sample import identity_grid
 
     v = mapping.field_to_native(disp_model)  # native voxels, without the pre-alignment
     grid = identity_grid(fixed.shape).numpy()
@@ -369,7 +370,7 @@ def provenance(options: RegisterOptions, result: RegistrationResult, fixed=None,
     """What reproduces a run: options, model, versions, machine (saved as run.json)."""
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "napari_unireg": __version__,
@@ -416,7 +417,7 @@ def write_result(
     import json
     from concurrent.futures import ThreadPoolExecutor
 
-    from .io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_volume
+    from ..io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_volume
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

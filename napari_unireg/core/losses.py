@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .spatial import warp
+from .sample import warp
 
 __all__ = ["box_filter", "ncc_vfa", "diffusion", "registration_loss", "dice_loss"]
 
