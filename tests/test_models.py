@@ -357,27 +357,18 @@ def test_sitreg_symmetry():
     assert float(aa.disp.abs().max()) < 2e-2
 
 
-# ---- fast paths equal the reference ones ----------------------------------------------------------------------
-def test_fastops_match_reference():
-    from napari_unireg.core import correlation
-    from napari_unireg.core import sample as spatial
-    from napari_unireg.core import fastops
+# ---- the slab path of the correlation equals its differentiable form -------------------------------------------
+def test_local_correlation_slab_path_equals_plain_path():
+    from napari_unireg.core.correlation import local_correlation
 
     g = torch.Generator().manual_seed(12)
-    img = torch.randn(2, 5, 10, 12, 14, generator=g)
-    disp = torch.randn(2, 3, 10, 12, 14, generator=g) * 3
-    torch.testing.assert_close(fastops.warp(img, disp), spatial.warp(img, disp), rtol=0, atol=1e-4)
-    other = disp.flip(0)
-    torch.testing.assert_close(fastops.compose(disp, other), spatial.compose(disp, other), rtol=0, atol=1e-4)
     a, b = torch.randn(2, 6, 7, 8, 9, generator=g), torch.randn(2, 6, 7, 8, 9, generator=g)
-    ref = correlation.local_correlation(a, b)
-    with torch.inference_mode():
-        assert torch.equal(fastops.local_correlation(a, b), ref)  # slab path: same products, same sums
     a.requires_grad_(True)
-    fast = fastops.local_correlation(a, b)  # differentiable path
-    torch.testing.assert_close(fast, ref)
-    fast.sum().backward()
+    plain = local_correlation(a, b)  # differentiable path: 27 full-size products
+    plain.sum().backward()
     assert a.grad is not None
+    with torch.inference_mode():
+        assert torch.equal(local_correlation(a.detach(), b), plain.detach())  # slab path: same products, same sums
 
 
 @pytest.mark.parametrize("name", DP_MODELS)

@@ -1,4 +1,5 @@
-"""The conventions of spatial.py: axis order, voxel units, pull direction, composition order."""
+"""The conventions of core/sample.py, core/resample.py and core/grid.py: axis order, voxel units, pull direction,
+composition order; every fast function against a plain reference (scipy, nibabel) on random fields and affines."""
 
 import numpy as np
 import pytest
@@ -132,3 +133,102 @@ def test_upsample_pooled_flow_matches_pooled_geometry():
     inner = (slice(None), slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
     assert back.shape == u.shape
     assert torch.allclose(back[inner], u[inner], atol=1e-5)
+
+
+# ---- the fast functions against plain references on random fields -------------------------------------------
+def _random_field(shape, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 3, *shape, generator=g, dtype=torch.float64).float() * scale
+
+
+def test_warp_equals_map_coordinates_with_border_clamping():
+    from scipy.ndimage import map_coordinates
+
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(1, 2, *SHAPE, generator=g)
+    disp = _random_field(SHAPE, 3.0, 4)  # reaches well past the borders
+    coords = np.indices(SHAPE, dtype=np.float64) + disp[0].double().numpy()
+    ref = np.stack([map_coordinates(img[0, c].double().numpy(), coords, order=1, mode="nearest") for c in range(2)])
+    np.testing.assert_allclose(warp(img, disp)[0].numpy(), ref, rtol=0, atol=1e-4)
+
+
+def test_warp_labels_equals_map_coordinates_nearest_inside():
+    from scipy.ndimage import map_coordinates
+
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 9, (1, 1, *SHAPE), generator=g, dtype=torch.int32)
+    disp = _random_field(SHAPE, 2.0, 6)
+    coords = np.indices(SHAPE, dtype=np.float64) + disp[0].double().numpy()
+    ref = map_coordinates(labels[0, 0].numpy(), coords, order=0, mode="constant", cval=0)
+    out = warp_labels(labels, disp)[0, 0].numpy()
+    inside = np.all([(coords[a] >= 0) & (coords[a] <= n - 1) for a, n in enumerate(SHAPE)], axis=0)
+    np.testing.assert_array_equal(out[inside], ref[inside])
+    far = np.any([(coords[a] < -0.6) | (coords[a] > n - 0.4) for a, n in enumerate(SHAPE)], axis=0)
+    assert far.any() and np.all(out[far] == 0)  # zero outside
+
+
+def test_compose_equals_reference_composition():
+    from scipy.ndimage import map_coordinates
+
+    a, b = _random_field(SHAPE, 1.5, 7), _random_field(SHAPE, 1.5, 8)
+    pts = np.indices(SHAPE, dtype=np.float64) + b[0].double().numpy()
+    ref = b[0].double().numpy() + np.stack(
+        [map_coordinates(a[0, c].double().numpy(), pts, order=1, mode="nearest") for c in range(3)]
+    )
+    np.testing.assert_allclose(compose(a, b)[0].numpy(), ref, rtol=0, atol=1e-4)
+
+
+def test_warp_under_autocast_samples_in_float32():
+    img = torch.randn(1, 1, *SHAPE)
+    disp = _random_field(SHAPE, 2.0, 9)
+    ref = warp(img, disp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = warp(img.bfloat16(), disp.bfloat16())
+    assert out.dtype == torch.float32
+    # only the bfloat16 rounding of the inputs remains, not a bfloat16 sampling grid
+    assert float((out - warp(img.bfloat16().float(), disp.bfloat16().float())).abs().max()) < 1e-5
+    assert float((out - ref).abs().max()) < 0.2
+
+
+def test_resample_affine_equals_scipy_affine_transform():
+    from scipy.ndimage import affine_transform
+
+    from napari_unireg.core.resample import resample_affine
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=SHAPE).astype(np.float32)
+    labels = rng.integers(0, 7, SHAPE).astype(np.uint8)
+    diagonal = np.diag([0.8, 1.3, 0.9, 1.0])
+    diagonal[:3, 3] = [0.7, -1.2, 0.4]
+    oblique = diagonal.copy()
+    oblique[:3, :3] += rng.normal(scale=0.1, size=(3, 3))
+    for m in (diagonal, oblique):
+        out_shape = (11, 9, 13)
+        ref = affine_transform(img.astype(np.float64), m, output_shape=out_shape, order=1, mode="constant", cval=0)
+        np.testing.assert_allclose(resample_affine(img, m, out_shape, order=1), ref, rtol=0, atol=1e-4)
+        lab = resample_affine(labels, m, out_shape, order=0)
+        assert lab.dtype == np.uint8
+        ref = affine_transform(labels, m, output_shape=out_shape, order=0, mode="constant", cval=0)
+        assert np.mean(lab == ref) > 0.99  # ties at exactly .5 may round either way
+
+
+def test_grid_voxel_maps_equal_nibabel_composition():
+    from nibabel.affines import apply_affine, from_matvec
+
+    from napari_unireg.core.grid import Grid, apply_affine_field, voxel_map
+
+    rng = np.random.default_rng(1)
+    a = from_matvec(rng.normal(size=(3, 3)) + 2 * np.eye(3), rng.normal(size=3) * 10)
+    b = from_matvec(np.diag([0.7, 1.2, 2.0]), [-30.0, 5.0, 12.0])
+    world = from_matvec(np.eye(3) + rng.normal(scale=0.05, size=(3, 3)), rng.normal(size=3))
+    pts = rng.normal(size=(20, 3)) * 20
+    expected = apply_affine(np.linalg.inv(b), apply_affine(world, apply_affine(a, pts)))
+    np.testing.assert_allclose(apply_affine(voxel_map(a, b, world), pts), expected, atol=1e-9)
+    field = pts.T.reshape(3, 4, 5, 1)
+    np.testing.assert_allclose(apply_affine_field(Grid((4, 5, 1), a).voxel_map(Grid((2, 2, 2), b), world), field),
+                               expected.T.reshape(3, 4, 5, 1), atol=1e-9)
+    grid = Grid((10, 20, 30), a)
+    half = grid.with_spacing(grid.spacing * 2)
+    assert half.shape == (5, 10, 15)
+    np.testing.assert_allclose(half.world([[1, 1, 1]]), grid.world([[2, 2, 2]]), atol=1e-9)  # voxel 0 kept
+    np.testing.assert_allclose(grid.window((2, -1, 3), (4, 4, 4)).world([[0, 0, 0]]), grid.world([[2, -1, 3]]))

@@ -167,12 +167,12 @@ def resample_to_grid(
 
     Returns the input unchanged when the grids are the same; linear (nearest for labels), zero outside.
     """
+    from napari_unireg.core.grid import voxel_map
+    from napari_unireg.core.resample import resample_affine
+
     shape = tuple(int(s) for s in shape)
     if tuple(data.shape) == shape and np.allclose(src_affine, dst_affine, atol=1e-5):
         return data
-    from scipy.ndimage import affine_transform
-
-    m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
     src = np.asarray(data, dtype=np.float32)
-    out = affine_transform(src, m[:3, :3], m[:3, 3], output_shape=shape, order=0 if labels else 1, cval=0.0)
+    out = resample_affine(src, voxel_map(dst_affine, src_affine), shape, order=0 if labels else 1, fill=0.0)
     return out.astype(data.dtype) if labels else out.astype(np.float32)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fastops import warp  # same result as sample.warp, cheaper grid construction
+from .sample import warp
 
 __all__ = ["AndersonOptions", "anderson_solve", "invert_displacement", "inversion_residual"]
 

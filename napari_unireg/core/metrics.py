@@ -123,7 +123,7 @@ def warp_labels_nearest(labels: Any, disp: Any) -> np.ndarray:
     ``scipy.ndimage.map_coordinates(order=0, mode='constant', cval=0)`` at ``p + u(p)``; returns the labels'
     dtype on the displacement grid.
     """
-    from scipy.ndimage import map_coordinates
+    from .resample import sample_points
 
     lab = _as_labels(labels, "labels")
     u = _as_disp(disp)
@@ -131,7 +131,7 @@ def warp_labels_nearest(labels: Any, disp: Any) -> np.ndarray:
         raise UserError(f"label map {tuple(lab.shape)} and displacement grid {tuple(u.shape[1:])} differ")
     coords = np.indices(lab.shape, dtype=np.float64)
     coords += u
-    return map_coordinates(lab, coords, order=0, mode="constant", cval=0)
+    return sample_points(lab, coords, order=0, outside="fill")
 
 
 def dice_per_label(
@@ -467,9 +467,9 @@ def tre(
 
 def _sample_linear(u: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Trilinear sampling of each channel at ``coords`` with border clamping (= grid_sample 'border')."""
-    from scipy.ndimage import map_coordinates
+    from .resample import sample_points
 
-    return np.stack([map_coordinates(u[c], coords, order=1, mode="nearest") for c in range(3)])
+    return np.stack([sample_points(u[c], coords, order=1, outside="border") for c in range(3)])
 
 
 def inverse_consistency_error(u12: Any, u21: Any, margin: int = 2) -> dict[str, float]:

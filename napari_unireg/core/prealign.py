@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
+from .grid import voxel_map
 from .intensity import normalize_intensity
 from .resample import resample_affine
 
@@ -54,7 +55,7 @@ class AffineResult:
     def voxel_matrix(self, affine: np.ndarray | None = None) -> np.ndarray:
         """4×4 matrix from a voxel of the target grid (default: the fixed grid) to a moving voxel."""
         target = self.fixed_affine if affine is None else np.asarray(affine, dtype=np.float64)
-        return np.linalg.inv(self.moving_affine) @ self.matrix @ target
+        return voxel_map(target, self.moving_affine, self.matrix)
 
     def resample(
         self,
@@ -101,7 +102,7 @@ class AffineResult:
             disp = np.asarray(disp, dtype=np.float32)
             shape = disp.shape[1:]
         shape = self.fixed_shape if shape is None else tuple(int(s) for s in shape)
-        m = np.linalg.inv(a) @ self.matrix @ a  # grid voxel → grid voxel coordinates of the moving point
+        m = voxel_map(a, a, self.matrix)  # grid voxel → grid voxel coordinates of the moving point
         axes = [np.arange(n, dtype=np.float64) for n in shape]
         out = np.empty((3, *shape), dtype=np.float32)
         for c in range(3):

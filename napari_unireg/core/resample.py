@@ -10,7 +10,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["sample_axis", "sample_separable", "resample_affine"]
+__all__ = ["sample_points", "sample_axis", "sample_separable", "resample_affine"]
+
+
+def sample_points(array: np.ndarray, coords: np.ndarray, order: int = 1, outside: str = "fill",
+                  fill: float = 0.0) -> np.ndarray:
+    """``array`` (N-D) at fractional voxel positions ``coords`` (``N×...``, channel first): linear or nearest.
+
+    ``outside='fill'``: ``fill`` at positions outside ``[0, n−1]`` (``map_coordinates`` mode ``constant``, the
+    label-warp convention); ``'border'``: edge values (mode ``nearest``, = ``grid_sample`` border padding).
+    Linear sampling returns float32 for non-float64 input; nearest keeps the dtype.
+    """
+    from scipy.ndimage import map_coordinates
+
+    if outside not in ("fill", "border"):
+        raise ValueError(f"outside must be 'fill' or 'border', got {outside!r}")
+    src = np.asarray(array)
+    if order > 0 and src.dtype.kind != "f":
+        src = src.astype(np.float32)
+    mode = "constant" if outside == "fill" else "nearest"
+    return map_coordinates(src, coords, order=order, mode=mode, cval=fill, prefilter=False)
 
 
 def sample_axis(array: np.ndarray, axis: int, coords: np.ndarray, order: int, outside: str, fill: float):

@@ -12,11 +12,15 @@ Conventions (every other module relies on them, ``tests/test_spatial.py`` checks
   label maps (the Learn2Reg evaluation convention).
 * ``compose(a, b) = b + warp(a, b)`` is ``φ_a ∘ φ_b``: ``b`` is applied first.
 
-All functions are pure, differentiable (except ``warp_labels``), batched and device agnostic.
+All functions are pure, differentiable (except ``warp_labels``), batched and device agnostic. The sampling grid is
+built in two passes from a cached normalised identity grid (``tests/test_spatial.py`` checks every function
+against plain references: ``scipy.ndimage.map_coordinates`` and a step-by-step grid construction).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +35,82 @@ __all__ = [
     "resize_flow",
     "integrate_velocity",
     "upsample_pooled_flow",
+    "sampling_grid",
+    "clear_cache",
+    "full_precision",
+    "geometry_mode",
 ]
+
+
+_GRID_CACHE: OrderedDict = OrderedDict()
+_GRID_CACHE_SIZE = 3
+_GRID_LOCK = threading.Lock()
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 if it is float16/bfloat16 (what autocast makes of conv outputs), else unchanged."""
+    return t.float() if t.dtype in _HALF else t
+
+
+def geometry_mode(t: torch.Tensor):
+    """Context for coordinate maths: autocast off on ``t``'s device (sampling positions need float32)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def clear_cache() -> None:
+    """Drop the cached identity grids (a full-resolution grid is 83 MB); the networks call it after each pass."""
+    with _GRID_LOCK:
+        _GRID_CACHE.clear()
+
+
+def _base_grid(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Identity in grid_sample's normalised (x, y, z) = (axis2, axis1, axis0) order, ``1×D0×D1×D2×3``."""
+    key = (shape, str(device), dtype, torch.is_inference_mode_enabled())  # inference tensors stay apart
+    with _GRID_LOCK:
+        grid = _GRID_CACHE.get(key)
+        if grid is not None:
+            _GRID_CACHE.move_to_end(key)
+            return grid
+    axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
+            torch.full((1,), -1.0, device=device, dtype=dtype) for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack(mesh[::-1], dim=-1).unsqueeze(0)
+    with _GRID_LOCK:
+        _GRID_CACHE[key] = grid
+        while len(_GRID_CACHE) > _GRID_CACHE_SIZE:
+            _GRID_CACHE.popitem(last=False)
+    return grid
+
+
+def sampling_grid(disp: torch.Tensor) -> torch.Tensor:
+    """``p + u(p)`` normalised for ``grid_sample(align_corners=True)``, ``B×D0×D1×D2×3`` in (x, y, z) order."""
+    shape = tuple(int(s) for s in disp.shape[2:])
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape[::-1]], device=disp.device, dtype=disp.dtype)
+    base = _base_grid(shape, disp.device, disp.dtype)
+    return torch.addcmul(base, disp.flip(1).permute(0, 2, 3, 4, 1), scale)
+
+
+def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
+    """Same as :func:`napari_unireg.core.sample.warp` (float images): ``out(p) = image(p + disp(p))``.
+
+    Under autocast the sampling runs in float32 (half-precision inputs are promoted; the result is float32):
+    a float16 grid would misplace samples by ~0.1 voxel on a 224-voxel axis.
+    """
+    if image.shape[2:] != disp.shape[2:]:
+        raise ValueError(f"warp: image grid {tuple(image.shape[2:])} != displacement grid {tuple(disp.shape[2:])}")
+    if image.shape[0] != disp.shape[0]:
+        n = max(image.shape[0], disp.shape[0])
+        image = image.expand(n, *image.shape[1:])
+        disp = disp.expand(n, *disp.shape[1:])
+    if not image.is_floating_point():
+        image = image.to(torch.float32)
+    with geometry_mode(image):
+        image, disp = full_precision(image), full_precision(disp)
+        grid = sampling_grid(disp.to(image.dtype))
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def identity_grid(
@@ -42,35 +121,6 @@ def identity_grid(
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
 
 
-def _sampling_grid(disp: torch.Tensor) -> torch.Tensor:
-    """``p + u(p)`` normalised to [-1, 1] and ordered (x, y, z) = (axis2, axis1, axis0) for grid_sample."""
-    shape = disp.shape[2:]
-    coords = identity_grid(shape, disp.device, disp.dtype).unsqueeze(0) + disp
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=disp.device, dtype=disp.dtype)
-    coords = coords * scale.view(1, 3, 1, 1, 1) - 1.0
-    return coords.permute(0, 2, 3, 4, 1).flip(-1)
-
-
-def warp(
-    image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
-) -> torch.Tensor:
-    """Pull ``image`` (``B×C×S_in``) through ``disp`` (``B×3×S_out``): ``out(p) = image(p + disp(p))``.
-
-    ``disp`` is in voxel units of the *output* grid, which must equal the image grid (same shape).
-    A batch of 1 in either argument broadcasts against the other.
-    """
-    if image.shape[2:] != disp.shape[2:]:
-        raise ValueError(f"warp: image grid {tuple(image.shape[2:])} != displacement grid {tuple(disp.shape[2:])}")
-    if image.shape[0] != disp.shape[0]:
-        n = max(image.shape[0], disp.shape[0])
-        image = image.expand(n, *image.shape[1:])
-        disp = disp.expand(n, *disp.shape[1:])
-    grid = _sampling_grid(disp.to(image.dtype) if image.is_floating_point() else disp)
-    if not image.is_floating_point():
-        image = image.to(disp.dtype)
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-
-
 def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour warp of an integer label map (``B×1×S``), zero outside; returns the input dtype."""
     out = warp(labels.to(torch.float32), disp.to(torch.float32), mode="nearest", padding_mode="zeros")
@@ -78,8 +128,12 @@ def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
 
 
 def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Displacement of ``φ_a ∘ φ_b`` (apply ``b`` first): ``b + a(p + b(p))``."""
-    return b + warp(a, b)
+    """Displacement of ``φ_a ∘ φ_b`` (apply ``b`` first): ``b + a(p + b(p))``; in place on the warp result
+    without gradients."""
+    out = warp(a, b)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return out + b
+    return out.add_(b)  # out is float32 whenever b is half: add_ never narrows
 
 
 def upsample_flow(u: torch.Tensor, factor: int = 2) -> torch.Tensor:

@@ -122,7 +122,7 @@ def _affine_field(shape, degrees: float, scale: float, shift: tuple[float, float
 
 def make_demo_pair(seed: int = 0) -> DemoPair:
     """Build the demo pair (deterministic for a seed). Takes a few seconds."""
-    from scipy import ndimage
+    from ..core.resample import sample_points
 
     fixed, fixed_seg = template_brain()
     rng = np.random.default_rng(seed)
@@ -132,11 +132,11 @@ def make_demo_pair(seed: int = 0) -> DemoPair:
     # Total pull map: fixed p -> p + affine(p) + deform(p + affine(p)): a smooth deformation then an affine.
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
     after_affine = grid + affine
-    deform_at = np.stack([ndimage.map_coordinates(d, after_affine, order=1, mode="nearest") for d in deform])
+    deform_at = np.stack([sample_points(d, after_affine, order=1, outside="border") for d in deform])
     disp = affine + deform_at
     coords = grid + disp
-    moving = ndimage.map_coordinates(fixed, coords, order=1, mode="constant", cval=0.0)
-    moving_seg = ndimage.map_coordinates(fixed_seg, coords, order=0, mode="constant", cval=0).astype(np.uint8)
+    moving = sample_points(fixed, coords, order=1, outside="fill")
+    moving_seg = sample_points(fixed_seg, coords, order=0, outside="fill").astype(np.uint8)
     # A different scanner look: bias field, gamma, noise (only inside the brain).
     bias = 1.0 + 0.15 * smooth_random_field(shape, 1.0, n_ctrl=3, seed=seed + 1)[0]
     brain = moving > 0

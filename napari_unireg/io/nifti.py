@@ -35,6 +35,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
+from ..core.grid import Grid
 from ..errors import UserError
 
 __all__ = [
@@ -94,6 +95,11 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.data.shape[:3])
+
+    @property
+    def grid(self) -> Grid:
+        """The canonical grid (shape + affine) of the data."""
+        return Grid(self.shape, self.affine)
 
     @property
     def spacing(self) -> tuple[float, float, float]:

@@ -104,13 +104,11 @@ def on_fixed_grid(vol, fixed, order: int):
     """``vol``'s data on ``fixed``'s canonical grid, matched by world coordinates (as the engine's fields expect)."""
     import numpy as np
 
-    if vol.shape == fixed.shape and np.allclose(vol.affine, fixed.affine, atol=1e-4):
-        return vol.data
-    from scipy.ndimage import affine_transform
+    from ..core.resample import resample_affine
 
-    m = np.linalg.inv(vol.affine) @ fixed.affine  # fixed voxel → vol voxel
-    kw = dict(order=order, mode="constant", cval=0)
-    return affine_transform(vol.data, m[:3, :3], offset=m[:3, 3], output_shape=fixed.shape, **kw)
+    if vol.grid.same_as(fixed.grid):
+        return vol.data
+    return resample_affine(vol.data, fixed.grid.voxel_map(vol.grid), fixed.shape, order=order, fill=0)
 
 
 def _slices_for(args, shapes_axes) -> list[int | None]:
@@ -129,8 +127,8 @@ def _slices_for(args, shapes_axes) -> list[int | None]:
 
 
 def _register_models(names, fixed, moving, fixed_seg, moving_seg, device: str) -> dict:
-    from ..pipeline.register import register_volumes
-    from ..pipeline.types import RegisterOptions
+    from ..pipeline import register_volumes
+    from ..pipeline import RegisterOptions
 
     disps = {}
     for name in names:

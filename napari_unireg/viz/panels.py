@@ -185,7 +185,7 @@ def _sample_points(disp: np.ndarray | None, shape: Sequence[int], axis: int, ind
 
 def deformed_slice(moving: Any, disp: Any = None, axis: int = 2, index: int | None = None) -> np.ndarray:
     """``moving(p + u(p))`` on the slice (bilinear, border); ``disp=None`` gives the plain moving slice."""
-    from scipy.ndimage import map_coordinates
+    from ..core.resample import sample_points
 
     mov = as_volume(moving, "moving")
     index = _check_index(mov.shape, _check_axis(axis), index)
@@ -193,7 +193,7 @@ def deformed_slice(moving: Any, disp: Any = None, axis: int = 2, index: int | No
         return np.take(mov, index, axis=axis).astype(np.float32)
     u = as_disp(disp, mov.shape)
     pts = _sample_points(u, mov.shape, axis, index)
-    return map_coordinates(mov.astype(np.float32, copy=False), pts, order=1, mode="nearest")
+    return sample_points(mov.astype(np.float32, copy=False), pts, order=1, outside="border")
 
 
 def difference_slice(
@@ -210,7 +210,7 @@ def difference_slice(
 
 def labels_slice(labels: Any, disp: Any = None, axis: int = 2, index: int | None = None) -> np.ndarray:
     """Nearest-neighbour warped labels on the slice, zero outside (as :func:`metrics.warp_labels_nearest`)."""
-    from scipy.ndimage import map_coordinates
+    from ..core.resample import sample_points
 
     lab = as_volume(labels, "label map")
     if not np.issubdtype(lab.dtype, np.integer):
@@ -220,7 +220,7 @@ def labels_slice(labels: Any, disp: Any = None, axis: int = 2, index: int | None
         return np.take(lab, index, axis=axis)
     u = as_disp(disp, lab.shape)
     pts = _sample_points(u, lab.shape, axis, index)
-    return map_coordinates(lab, pts, order=0, mode="constant", cval=0)
+    return sample_points(lab, pts, order=0, outside="fill")
 
 
 def grid_image(shape2d: Sequence[int], step: int = 8) -> np.ndarray:
@@ -238,7 +238,7 @@ def grid_slice(disp: Any, axis: int = 2, index: int | None = None, step: int = 8
     the slicing axis, so its trilinear/border warp equals a bilinear/border sample of the 2-D grid image at
     the in-plane components of ``p + u(p)`` (exactly, the through-plane component drops out).
     """
-    from scipy.ndimage import map_coordinates
+    from ..core.resample import sample_points
 
     u = as_disp(disp)
     shape = u.shape[1:]
@@ -247,7 +247,7 @@ def grid_slice(disp: Any, axis: int = 2, index: int | None = None, step: int = 8
         raise UserError(f"grid step must be ≥ 1, got {step}")
     a, b = in_plane_axes(axis)
     pts = _sample_points(u, shape, axis, index)
-    return map_coordinates(grid_image((shape[a], shape[b]), step), pts[[a, b]], order=1, mode="nearest")
+    return sample_points(grid_image((shape[a], shape[b]), step), pts[[a, b]], order=1, outside="border")
 
 
 def jacobian_slice(disp: Any, axis: int = 2, index: int | None = None) -> np.ndarray:
