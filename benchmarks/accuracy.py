@@ -169,7 +169,7 @@ def our_methods(models: list[str] | None, io_steps: list[int]) -> list[dict[str,
 def run_ours(method: dict[str, Any], pair: dict[str, Any], device: str,
              prealign: str) -> tuple[np.ndarray, float, dict]:
     """``(disp on the fixed canonical grid, seconds, engine seconds)`` for one of our methods."""
-    from napari_unireg.pipeline.register import RegisterOptions, register_volumes
+    from napari_unireg.pipeline import RegisterOptions, register_volumes
 
     model = method["model"]
     opts = RegisterOptions(model=model if not Path(model).exists() else "default",
@@ -295,7 +295,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def _json_ready(obj):
-    from napari_unireg.pipeline.register import json_ready
+    from napari_unireg.pipeline import json_ready
 
     return json_ready(obj)
 
@@ -338,7 +338,7 @@ def run(args) -> dict[str, Any]:
     """The whole benchmark; returns the report (also written to ``args.out``)."""
     import torch
 
-    from napari_unireg.pipeline.register import resolve_device
+    from napari_unireg.pipeline import resolve_device
     from napari_unireg.errors import UserError
 
     if args.threads < 1:

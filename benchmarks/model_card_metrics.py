@@ -40,7 +40,7 @@ def _summary(rows: list[dict], keys=KEYS + ("seconds",)) -> dict:
 def evaluate(model: str, data: Path, io_steps: int, device: str = "cpu") -> dict:
     import torch
 
-    from napari_unireg.pipeline.register import RegisterOptions, register_volumes
+    from napari_unireg.pipeline import RegisterOptions, register_volumes
     from napari_unireg.io import load_volume
 
     pairs = list(csv.DictReader(open(data / "pairs_val.csv")))

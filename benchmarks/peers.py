@@ -372,7 +372,7 @@ def train_voxelmorph(cfg, out: str | os.PathLike, *, lr: float = VXM_DEFAULTS["l
         import neurite as ne
 
     from napari_unireg.errors import UserError
-    from napari_unireg.pipeline.register import resolve_device
+    from napari_unireg.pipeline import resolve_device
     from napari_unireg.train.data import PairDataset, PairPlan, VolumeLoader, discover, make_loader
     from napari_unireg.train.loop import plan_steps
 

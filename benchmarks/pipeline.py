@@ -259,9 +259,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     t_import = time.perf_counter()
     import torch
 
-    from napari_unireg.pipeline import register as engine
-    from napari_unireg.pipeline.types import RegisterOptions
+    from napari_unireg import pipeline as engine
     from napari_unireg.io import load_volume
+    from napari_unireg.pipeline import RegisterOptions
+    from napari_unireg.pipeline import register as register_module
+    from napari_unireg.pipeline.models import clear_model_cache
 
     import_seconds = time.perf_counter() - t_import
     threads = int(spec.get("threads") or 0)
@@ -277,15 +279,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     files = spec["files"]
     head_std = float(spec.get("head_std", 2e-3))
     weights = {"label": "trained"}
-    original = engine.load_registration_model
+    original = register_module.load_model
 
-    def load_model(opts, dev):  # the engine's loader, plus inference.py's head randomisation when untrained
-        model, card, trained = original(opts, dev)
-        if model is not None and not trained:
+    def load_model(model, checkpoint, dev):  # the pipeline's loader, plus inference.py's head randomisation
+        loaded = original(model, checkpoint, dev)
+        if loaded.net is not None and not loaded.trained:
             weights["label"] = "random init"
-            if head_std > 0 and _randomise_heads(model, head_std):
+            if head_std > 0 and _randomise_heads(loaded.net, head_std):
                 weights["label"] = f"random (head σ={head_std:g})"
-        return model, card, trained
+        return loaded
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -300,7 +302,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             mon.enter("native")  # the engine's last step (fixed-grid outputs) has no stage of its own
 
     out_dir = Path(tempfile.mkdtemp(prefix="unireg_pipeline_"))
-    engine.load_registration_model = load_model
+    clear_model_cache()  # a cold run, as for a CLI user
+    register_module.load_model = load_model
     try:
         mon.start("load")
         fixed = load_volume(files["fixed"], kind="image")
@@ -313,7 +316,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         engine.write_result(result, fixed, out_dir / "result", options=options, moving=moving)
         mon.stop()
     finally:
-        engine.load_registration_model = original
+        register_module.load_model = original
+        clear_model_cache()  # randomised heads must not outlive this run
         shutil.rmtree(out_dir, ignore_errors=True)
     stages = [s for s in STAGE_ORDER if s in mon.seconds]
     metrics = result.metrics
@@ -435,7 +439,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out) -> tuple[Path, Path]:
     """``out`` (JSON, NaN → null) and the Markdown beside it, each atomically (tmp + ``os.replace``)."""
-    from napari_unireg.pipeline.register import json_ready
+    from napari_unireg.pipeline import json_ready
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

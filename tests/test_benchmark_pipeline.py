@@ -84,12 +84,12 @@ def test_child_measures_every_stage_of_the_user_path(tmp_path):
     """In-process run on a 32×48×32 pair: an untrained variant (random heads), pre-alignment and refinement."""
     from napari_unireg.pipeline import register as engine
 
-    loader = engine.load_registration_model
+    loader = engine.load_model
     spec = {"model": "voxelmorph", "device": "cpu", "threads": 0, "scale": 0.2,
             "grid_shape": list(pipeline.scaled_shape(0.2)), "files": _tiny_pair(tmp_path), "prealign": "affine",
             "resolution": "half", "io_steps": 1, "head_std": 2e-3}
     row = pipeline.child(spec)
-    assert engine.load_registration_model is loader  # the wrapper is removed again
+    assert engine.load_model is loader  # the wrapper is removed again
     assert row["stages"] == ["load", "prealign", "inference", "refinement", "metrics", "native", "write"]
     assert all(row["seconds"][s] > 0 for s in row["stages"])
     assert all(row["peak_rss_gb"][s] > 0 for s in row["stages"])

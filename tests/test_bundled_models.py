@@ -35,7 +35,7 @@ def test_bundled_model_card_and_weights(info):
 
 
 def test_default_model_is_the_best_bundled_one():
-    from napari_unireg.pipeline.register import CLASSICAL, default_model_name
+    from napari_unireg.pipeline.models import CLASSICAL, default_model_name
 
     name = default_model_name()
     if not BUNDLED:

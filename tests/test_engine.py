@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import smooth_blob_volume
 
-from napari_unireg.pipeline.register import Cancelled, RegisterOptions, register_volumes, write_result
+from napari_unireg.pipeline import Cancelled, RegisterOptions, register_volumes, write_result
 from napari_unireg.errors import UserError
 from napari_unireg.io import load_volume, volume_from_array
 

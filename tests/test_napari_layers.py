@@ -11,7 +11,7 @@ from napari_unireg._napari.metrics_widget import label_table, summary_table, to_
 from napari_unireg._napari.ortho_views import plane_layout
 from napari_unireg._napari.runs import RunStore
 from napari_unireg._napari.status import append_to_status, readout
-from napari_unireg.pipeline.types import RegistrationResult
+from napari_unireg.pipeline import RegistrationResult
 
 SHAPE = (16, 18, 14)
 

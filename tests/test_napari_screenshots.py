@@ -84,7 +84,7 @@ def _run_or_reuse(reg, qtbot):
 
 
 def test_screenshots(make_napari_viewer, qtbot, monkeypatch):
-    import napari_unireg.pipeline.register as engine
+    import napari_unireg.pipeline.stages as engine
     from napari_unireg._napari.inspect_widget import InspectWidget
     from napari_unireg._napari.metrics_widget import MetricsWidget
     from napari_unireg._napari.ortho_views import OrthoViewsWidget
@@ -99,7 +99,7 @@ def test_screenshots(make_napari_viewer, qtbot, monkeypatch):
 
     reg = RegisterWidget(viewer)
     viewer.window.add_dock_widget(reg, name="Register", area="right")
-    from napari_unireg.pipeline.register import default_model_name
+    from napari_unireg.pipeline import default_model_name
 
     reg.set_model(default_model_name())
     views = OrthoViewsWidget(viewer)

@@ -46,7 +46,7 @@ def pair_viewer(make_napari_viewer):
 
 @pytest.fixture
 def fast_engine(monkeypatch):
-    import napari_unireg.pipeline.register as engine
+    import napari_unireg.pipeline.stages as engine
 
     monkeypatch.setattr(engine, "CLASSICAL_STEPS", 3)
     return engine
@@ -98,7 +98,7 @@ def test_register_runs_and_adds_layers(pair_viewer, fast_engine, qtbot):
 
 
 def test_register_cancel(pair_viewer, monkeypatch, qtbot):
-    import napari_unireg.pipeline.register as engine
+    import napari_unireg.pipeline.stages as engine
 
     monkeypatch.setattr(engine, "CLASSICAL_STEPS", 100_000)  # would run for a very long time
     w = _register_widget(pair_viewer)

@@ -316,7 +316,7 @@ def test_subject_id():
 def test_cli_figure_with_models_calls_the_engine(pair, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    import napari_unireg.pipeline.register as engine
+    import napari_unireg.pipeline as engine
     from napari_unireg.cli import main
 
     files, methods = _write_case(tmp_path, pair)

@@ -247,7 +247,7 @@ class ExportWidget(QWidget):
 
     def export_run(self, out_dir: str) -> dict[str, Path]:
         """Write the run's results like the CLI does (``engine.write_result``); returns the written paths."""
-        from napari_unireg.pipeline.register import write_result
+        from napari_unireg.pipeline import write_result
         from napari_unireg.errors import UserError
         from napari_unireg.io import Volume
 

@@ -1,6 +1,6 @@
 """Register dock widget: pick the pair (and optional label maps), a model and a device, run in a worker thread.
 
-Thin over :func:`napari_unireg.pipeline.register.register_volumes`: the widget turns layers into Volumes, runs the engine in
+Thin over :func:`napari_unireg.pipeline.register_volumes`: the widget turns layers into Volumes, runs the engine in
 a napari worker thread (the GUI stays responsive), reports the engine's stages in the widget and in napari's
 activity dock, cancels through ``should_stop`` and adds the result layers of the finished run. User layers are
 never modified: the engine gets copies of their arrays.
@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_unireg.pipeline.types import STAGES, RegisterOptions
+from napari_unireg.pipeline import STAGES, RegisterOptions
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def list_model_choices() -> list[tuple[str, str, str]]:
     """``(label, value, tooltip)`` for the model picker: default, the registry's models, classical."""
     out: list[tuple[str, str, str]] = []
     try:
-        from napari_unireg.pipeline.register import default_model_name
+        from napari_unireg.pipeline import default_model_name
 
         default = default_model_name()
     except Exception:  # registry not importable (e.g. a model module missing): still offer classical
@@ -125,7 +125,7 @@ def list_model_choices() -> list[tuple[str, str, str]]:
 def list_devices() -> list[tuple[str, str]]:
     """``(id, label)`` of what can really run here (engine.available_devices), CPU as the fallback."""
     try:
-        from napari_unireg.pipeline.register import available_devices
+        from napari_unireg.pipeline import available_devices
 
         return list(available_devices())
     except Exception as exc:
@@ -534,12 +534,12 @@ def _volume(snapshot: Any) -> Any:
 
 def _register_job(inputs: list, options: RegisterOptions, progress: Any, should_stop: Any) -> tuple[str, Any]:
     """Runs in the worker thread. Never raises: napari would show a traceback dialog; returns (status, payload)."""
-    from napari_unireg.pipeline.types import Cancelled
+    from napari_unireg.pipeline import Cancelled
     from napari_unireg.errors import UserError
 
     try:
         fixed, moving, fseg, mseg = (_volume(s) for s in inputs)
-        from napari_unireg.pipeline.register import register_volumes
+        from napari_unireg.pipeline import register_volumes
 
         result = register_volumes(
             fixed, moving, fseg, mseg, options=options, progress=progress, should_stop=should_stop

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from psygnal import Signal
 
-from napari_unireg.pipeline.types import RegisterOptions, RegistrationResult
+from napari_unireg.pipeline import RegisterOptions, RegistrationResult
 
 #: Result layer kinds, in the order the Inspect widget lists them.
 KINDS = (

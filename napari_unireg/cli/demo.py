@@ -39,9 +39,12 @@ def write_slice_pngs(fixed, moving, result, fixed_seg, moving_seg, out: Path, ov
 def run_demo(args) -> int:
     """The `unireg demo` command: builds/loads the pair, registers, writes outputs and PNGs, prints a summary."""
     from ..io.demo import demo_files, demo_volumes
-    from .register import check_out_dir, run_and_write, summary
+    from ..pipeline import validate_options
+    from .register import check_out_dir, options_from_args, parse_outputs, run_and_write, summary
 
     out = Path(args.out)
+    args.outputs = parse_outputs(getattr(args, "outputs", None))
+    validate_options(options_from_args(args))
     check_out_dir(out, args.overwrite)
     print("demo pair: MNI152 2009a template (nilearn) vs. the same brain through a known smooth deformation")
     fixed, moving, fixed_seg, moving_seg = demo_volumes()

@@ -22,6 +22,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-steps", type=int, default=0, help="instance-optimisation refinement steps after the network")
     p.add_argument("--grid", type=int, nargs=3, default=(160, 224, 192), metavar=("X", "Y", "Z"),
                    help="model grid in 1 mm voxels (default: the Learn2Reg box 160 224 192)")
+    p.add_argument("--outputs", default=None, metavar="LIST",
+                   help="comma-separated results to write (default all): "
+                        "warped,disp,disp_itk,jacobian,warped_seg,metrics; run.json is always written")
     p.add_argument("--out", default="unireg_out", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -110,8 +113,12 @@ def _cmd_models(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import time
+
+    t_start = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.t_start = t_start
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from ..errors import UserError
 
-#: Files `register` writes; an output folder holding any of them is refused without --overwrite.
-RESULT_FILES = (
-    "warped.nii.gz",
-    "disp.nii.gz",
-    "disp_itk.nii.gz",
-    "warped_seg.nii.gz",
-    "jacobian.nii.gz",
-    "metrics.json",
-    "run.json",
-)
+def options_from_args(args):
+    """RegisterOptions from the parsed arguments of ``register``/``demo``."""
+    from ..pipeline import RegisterOptions
+
+    outputs = getattr(args, "outputs", None)
+    return RegisterOptions(
+        model=getattr(args, "model", "default"),
+        checkpoint=getattr(args, "checkpoint", None),
+        device=getattr(args, "device", "auto"),
+        prealign=getattr(args, "prealign", "affine"),
+        resolution=getattr(args, "resolution", "auto"),
+        io_steps=int(getattr(args, "io_steps", 0) or 0),
+        grid_shape=tuple(int(v) for v in getattr(args, "grid", (160, 224, 192))),
+        metrics=outputs is None or "metrics" in outputs,
+    )
 
 
+def check_out_dir(out: Path, overwrite: bool, names=None) -> None:
+    """Refuse (before any work) an output folder that holds results, unless ``overwrite``; or that is a file."""
+    from ..pipeline.write import RESULT_FILES
 
-def check_out_dir(out: Path, overwrite: bool, names=RESULT_FILES) -> None:
+    names = RESULT_FILES.values() if names is None else names
     existing = [n for n in names if (out / n).exists()]
     if existing and not overwrite:
         raise UserError(f"{out} already holds results ({', '.join(existing)}); use --overwrite or another --out")
@@ -44,7 +53,8 @@ def _progress_printer(quiet: bool):
     from tqdm import tqdm
 
     bar = tqdm(total=100, file=sys.stderr, bar_format="{desc:<12} {percentage:3.0f}%|{bar}| {elapsed}", leave=False)
-    stage_weights = {"load": 5, "prealign": 10, "inference": 35, "refinement": 25, "metrics": 15, "write": 10}
+    from ..pipeline.types import STAGE_WEIGHTS as stage_weights
+
     order = list(stage_weights)
 
     def progress(stage: str, fraction: float) -> None:
@@ -58,7 +68,7 @@ def _progress_printer(quiet: bool):
 
 def run_and_write(fixed, moving, fixed_seg, moving_seg, args):
     """Register with the CLI's options and write the results into ``args.out``; returns the RegistrationResult."""
-    from ..pipeline.register import options_from_args, register_volumes, write_result
+    from ..pipeline import register_volumes, write_result
 
     out = Path(args.out)
     options = options_from_args(args)
@@ -67,11 +77,13 @@ def run_and_write(fixed, moving, fixed_seg, moving_seg, args):
         result = register_volumes(fixed, moving, fixed_seg, moving_seg, options=options, progress=progress)
     finally:
         close()
-    write_result(result, fixed, out, overwrite=args.overwrite, options=options, moving=moving)
+    write_result(result, fixed, out, overwrite=args.overwrite, options=options, moving=moving,
+                 outputs=getattr(args, "outputs", None))
     return result
 
 
-def summary(metrics: dict) -> str:
+def summary(metrics: dict, wall: float | None = None) -> str:
+    """The one-line result: model, Dice/HD95 when labels were given, regularity, seconds (wall when known)."""
     parts = [f"model {metrics.get('model')} on {metrics.get('device')}"]
     if not metrics.get("weights_trained", True):
         parts.append("UNTRAINED weights")
@@ -79,21 +91,36 @@ def summary(metrics: dict) -> str:
         parts.append(f"Dice {metrics['dice_before']:.3f} -> {metrics['dice']:.3f}")
     if metrics.get("hd95") is not None:
         parts.append(f"HD95 {metrics['hd95']:.2f} mm")
-    parts.append(f"SDlogJ {metrics['sdlogj']:.3f}")
-    parts.append(f"NDV {metrics['ndv']:.4f} %")
-    parts.append(f"folded {metrics['folded_pct']:.4f} %")
-    parts.append(f"{metrics['seconds']['total']:.1f} s")
+    if metrics.get("sdlogj") is not None:
+        parts.append(f"SDlogJ {metrics['sdlogj']:.3f}")
+        parts.append(f"NDV {metrics['ndv']:.4f} %")
+        parts.append(f"folded {metrics['folded_pct']:.4f} %")
+    if wall is not None:
+        parts.append(f"{wall:.1f} s wall")
+    else:
+        parts.append(f"{metrics['seconds']['total']:.1f} s")
     return ", ".join(parts)
+
+
+def parse_outputs(text: str | None):
+    """``--outputs warped,disp,...`` → a tuple of output names (None = all)."""
+    from ..pipeline.write import check_outputs
+
+    return None if text is None else check_outputs(text)
 
 
 def cmd_register(args) -> int:
     from ..io import load_volume
+    from ..pipeline import validate_options
 
+    args.outputs = parse_outputs(getattr(args, "outputs", None))
+    validate_options(options_from_args(args))  # every option before any file is read
     check_out_dir(Path(args.out), args.overwrite)
     fixed = load_volume(args.fixed, kind="image")
     moving = load_volume(args.moving, kind="image")
     fixed_seg = load_volume(args.fixed_seg, kind="label") if args.fixed_seg else None
     moving_seg = load_volume(args.moving_seg, kind="label") if args.moving_seg else None
-    print(summary(run_and_write(fixed, moving, fixed_seg, moving_seg, args).metrics))
+    result = run_and_write(fixed, moving, fixed_seg, moving_seg, args)
+    print(summary(result.metrics, wall=time.perf_counter() - getattr(args, "t_start", time.perf_counter())))
     print(f"results in {Path(args.out).resolve()}")
     return 0

@@ -58,7 +58,7 @@ class RegistrationModel(nn.Module):
             )
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:  # noqa: D102
-        from ..core.fastops import clear_cache
+        from ..core.sample import clear_cache
 
         self.check_inputs(moving, fixed)
         try:

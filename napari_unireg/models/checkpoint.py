@@ -121,7 +121,7 @@ def load_weights(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .registry import build_model
+    from .catalog import build_model
 
     weights_path, _ = checkpoint_paths(path)
     card = read_card(path)

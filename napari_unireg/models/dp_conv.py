@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..core.sample import upsample_flow
-from ..core.fastops import compose, local_correlation, warp
+from ..core.correlation import local_correlation
+from ..core.sample import compose, warp
 from .base import RegistrationModel
 from .blocks import FlowHead, ResBlock
 from .encoder import ENC_CHANNELS, PyramidEncoder

@@ -23,7 +23,8 @@ from torch import nn
 from ..core.bspline import UPPER_BOUNDS, bspline_upsample, max_control_point, sample_at_level
 from ..core.correlation import reverse_correlation
 from ..core.inversion import invert_displacement
-from ..core.fastops import compose, local_correlation, warp
+from ..core.correlation import local_correlation
+from ..core.sample import compose, warp
 from .base import RegistrationModel
 from .blocks import FlowHead, ResBlock
 from .dp_conv import DEC_CHANNELS, N_CORR

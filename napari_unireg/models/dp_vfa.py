@@ -14,7 +14,8 @@ from .base import RegistrationModel
 from .dp_conv import coarse_to_fine, encode_pair
 from .blocks import conv3d_slabs
 from .encoder import ENC_CHANNELS, PyramidEncoder
-from ..core.fastops import full_precision, window_dots
+from ..core.correlation import window_dots
+from ..core.sample import full_precision
 from .output import RegistrationOutput
 
 __all__ = ["DPVFA", "VFABlock", "window_logits", "attention_displacement"]

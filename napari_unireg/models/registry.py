@@ -6,7 +6,6 @@ installed, that folder is the package ``napari_unireg._bundled_models`` (pyproje
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -14,25 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .catalog import _CLASSES, DP_MODELS, MODEL_NAMES, build_model, model_class  # noqa: F401  (the names users import)
 
-__all__ = ["MODEL_NAMES", "DP_MODELS", "ModelInfo", "list_models", "build_model", "load_pretrained", "weights_dir"]
-
-# name -> (module, class); order is the paper's table, then the baselines
-_CLASSES: dict[str, tuple[str, str]] = {
-    "dp-conv-mf": ("dp_conv", "DPConvMF"),
-    "dp-conv-mfc": ("dp_conv", "DPConvMFC"),
-    "dp-conv-c": ("dp_conv", "DPConvC"),
-    "dp-convic-mf": ("dp_convic", "DPConvICMF"),
-    "dp-convic-c": ("dp_convic", "DPConvICC"),
-    "dp-vfa": ("dp_vfa", "DPVFA"),
-    "voxelmorph": ("voxelmorph", "VoxelMorph"),
-    "vfa": ("vfa", "VFA"),
-    "sitreg": ("sitreg", "SITReg"),
-    "transmorph": ("transmorph", "TransMorph"),
-}
-MODEL_NAMES: tuple[str, ...] = tuple(_CLASSES)
-DP_MODELS: tuple[str, ...] = MODEL_NAMES[:6]
-
+__all__ = [
+    "MODEL_NAMES", "DP_MODELS", "ModelInfo", "list_models", "build_model", "load_pretrained", "weights_dir", "bundled_card",
+]
 
 @dataclass
 class ModelInfo:
@@ -48,23 +33,6 @@ class ModelInfo:
     card: dict | None
     is_inverse_consistent: bool = False
     grid_multiple: int = 16
-
-
-def model_class(name: str):
-    """The class registered under ``name``; :class:`UserError` listing the known names otherwise."""
-    if name not in _CLASSES:
-        raise UserError(f"unknown model '{name}' (known: {', '.join(MODEL_NAMES)})")
-    module, cls = _CLASSES[name]
-    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
-
-
-def build_model(name: str, **config: Any):
-    """A freshly initialised network (``eval()`` not applied). ``config`` overrides constructor defaults."""
-    cls = model_class(name)
-    try:
-        return cls(**config)
-    except TypeError as exc:
-        raise UserError(f"bad configuration for model '{name}': {exc}") from None
 
 
 def weights_dir() -> Path:
@@ -84,7 +52,9 @@ def weights_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "models"
 
 
-def _card(name: str) -> dict | None:
+def bundled_card(name: str) -> dict | None:
+    """The model card of a bundled network (None when its weights or card are missing or unreadable); cheap:
+    reads one JSON file, builds nothing."""
     path = weights_dir() / f"{name}.json"
     if not (path.is_file() and (weights_dir() / f"{name}.safetensors").is_file()):
         return None
@@ -102,7 +72,7 @@ def list_models() -> list[ModelInfo]:
     rows = []
     for name in MODEL_NAMES:
         cls = model_class(name)
-        card = _card(name)
+        card = bundled_card(name)
         config = (card or {}).get("config") or {}
         with torch.device("meta"):
             try:

@@ -1,17 +1,26 @@
 """One registration as a sequence of stages (load → pre-align → model grid → predict → refine → native grid →
-metrics → write); the public API the CLI, the napari widgets and the benchmarks use."""
+metrics → write, :mod:`.stages`); the public API the CLI, the napari widgets and the benchmarks use."""
 
 from ..errors import Cancelled
-from .register import available_devices, default_model_name, register_volumes, write_result
-from .types import STAGES, RegisterOptions, RegistrationResult
+from .device import available_devices, resolve_device
+from .models import default_model_name
+from .register import register_volumes, validate_options
+from .types import STAGE_WEIGHTS, STAGES, RegisterOptions, RegistrationResult
+from .write import OUTPUTS, RESULT_FILES, json_ready, write_result
 
 __all__ = [
     "Cancelled",
+    "OUTPUTS",
+    "RESULT_FILES",
     "STAGES",
+    "STAGE_WEIGHTS",
     "RegisterOptions",
     "RegistrationResult",
     "available_devices",
     "default_model_name",
+    "json_ready",
     "register_volumes",
+    "resolve_device",
+    "validate_options",
     "write_result",
 ]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.intensity import MODEL_SHAPE, CropPad, apply_window, crop_or_pad, is_normalized, normalize_intensity
+from ..core.grid import translation, voxel_map
 from ..core.resample import resample_affine, sample_separable
 from ..errors import UserError
 from ..io import Volume
@@ -34,16 +35,6 @@ _SPACING_TOL = 1e-5
 
 
 # --------------------------------------------------------------------------------------------- resampling
-
-
-def _grid_for_spacing(volume: Volume, spacing: Sequence[float]) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Shape and affine of the grid with ``spacing`` covering ``volume``'s field of view (voxel 0 kept)."""
-    old = np.asarray(volume.spacing)
-    new = np.asarray(spacing, dtype=np.float64)
-    factor = new / old  # input voxels per output voxel
-    shape = tuple(int(np.floor((n - 1) / f + 1e-6)) + 1 for n, f in zip(volume.shape, factor))
-    affine = volume.affine @ np.diag([*factor, 1.0])
-    return shape, affine
 
 
 def resample_to_spacing(volume: Volume, spacing: Sequence[float] = (1.0, 1.0, 1.0), order: int | None = None) -> Volume:
@@ -60,7 +51,8 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float] = (1.0, 1.0, 1.
         order = 0 if volume.is_label else 1
     if np.allclose(volume.spacing, spacing, rtol=0, atol=_SPACING_TOL):
         return volume
-    shape, affine = _grid_for_spacing(volume, spacing)
+    target = volume.grid.with_spacing(spacing)
+    shape, affine = target.shape, target.affine
     factor = np.asarray(spacing) / np.asarray(volume.spacing)
     data = volume.data
     if order > 0 and np.any(factor > 1.01):
@@ -213,7 +205,7 @@ class GridMapping:
         ):
             return self.to_model(volume.data, order=order, fill=fill)
         w = np.eye(4) if world_to_moving is None else np.asarray(world_to_moving, dtype=np.float64)
-        vox = np.linalg.inv(volume.affine) @ w @ self.model_affine
+        vox = voxel_map(self.model_affine, volume.affine, w)
         return resample_affine(volume.data, vox, self.model_shape, order=order, fill=fill)
 
 
@@ -254,7 +246,7 @@ def to_model_grid(
         warnings.warn(f"{volume.name}: {w.message}", stacklevel=2)
     scale = np.asarray(volume.spacing) / np.asarray(spacing) if resampled else np.ones(3)
     offset = -np.asarray(record.start, dtype=np.float64)
-    model_affine = res.affine @ _translation(record.start)
+    model_affine = res.affine @ translation(record.start)
     mapping = GridMapping(
         native_shape=volume.shape,
         native_affine=volume.affine.copy(),
@@ -266,9 +258,3 @@ def to_model_grid(
         resampled=resampled,
     )
     return out, mapping
-
-
-def _translation(t: Sequence[float]) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, 3] = t
-    return m

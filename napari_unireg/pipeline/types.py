@@ -1,4 +1,4 @@
-"""Plain data types of the registration engine (no torch import): options in, result out."""
+"""Plain data types of the registration pipeline (no torch import): options in, result out."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ ProgressCallback = Callable[[str, float], None]
 StopCallback = Callable[[], bool]
 
 STAGES = ("load", "prealign", "inference", "refinement", "metrics", "write")
+#: Share of a typical run's wall time per stage (progress bars): written once, here.
+STAGE_WEIGHTS = {"load": 5, "prealign": 10, "inference": 35, "refinement": 25, "metrics": 15, "write": 10}
 
 
 @dataclass
@@ -33,6 +35,7 @@ class RegisterOptions:
     grid_shape: tuple[int, int, int] = (160, 224, 192)
     amp: bool = True  # mixed precision on CUDA
     seed: int = 0
+    metrics: bool = True  # run the metrics stage (Dice/HD95/SDlogJ/NDV/folding)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict

@@ -1,0 +1,132 @@
+"""Which network a run uses, and loading it once: a small cache keyed by (model, checkpoint file, device).
+
+The napari widgets and a batch of pairs pay the loading (and the build of the network) once; a checkpoint file
+that changes on disk (size or modification time) is loaded again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+__all__ = ["CLASSICAL", "LoadedModel", "default_model_name", "model_key", "load_model", "clear_model_cache"]
+
+#: The instance-optimisation method (no network).
+CLASSICAL = "classical"
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 2
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network ready to run (``net`` None for the classical method) and its card."""
+
+    name: str
+    net: Any
+    card: dict
+    trained: bool
+
+    def resolution(self, asked: str) -> str:
+        """``auto`` → the resolution the network was trained at (its card's), else ``asked``."""
+        return asked if asked != "auto" else str(self.card.get("resolution", "full"))
+
+
+def default_model_name() -> str:
+    """The bundled model marked default in its card, else the best validation Dice; the classical method when
+    none is bundled. Reads the cards only (builds no network)."""
+    from ..models.catalog import MODEL_NAMES
+    from ..models.registry import bundled_card
+
+    best, best_dice = CLASSICAL, -1.0
+    for name in MODEL_NAMES:
+        card = bundled_card(name)
+        if not card:
+            continue
+        if card.get("default"):
+            return name
+        dice = (card.get("metrics") or {}).get("dice")
+        dice = 0.0 if dice is None else float(dice)
+        if dice > best_dice:
+            best, best_dice = name, dice
+    return best
+
+
+def model_key(model: str, checkpoint: str | None) -> str:
+    """The registry name or checkpoint path a (model, checkpoint) option pair means; ``default`` resolved."""
+    key = checkpoint or model or "default"
+    if key == "default" and not checkpoint:
+        key = default_model_name()
+    return str(key)
+
+
+def check_model(key: str) -> None:
+    """:class:`UserError` unless ``key`` is the classical method, a registry name or an existing checkpoint."""
+    from ..models.catalog import MODEL_NAMES
+
+    if key == CLASSICAL or key in MODEL_NAMES:
+        return
+    from ..models.checkpoint import checkpoint_paths
+
+    weights, card = checkpoint_paths(key)
+    if not (weights.is_file() or card.is_file()):
+        raise UserError(f"unknown model {key!r}: neither a known model ({', '.join(MODEL_NAMES)}, {CLASSICAL}) "
+                        "nor a checkpoint file; `unireg models` lists them (or give --checkpoint PATH)")
+
+
+def _file_stamp(key: str) -> tuple:
+    from ..models.catalog import MODEL_NAMES
+    from ..models.checkpoint import checkpoint_paths
+    from ..models.registry import weights_dir
+
+    paths = checkpoint_paths(weights_dir() / key if key in MODEL_NAMES else key)
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (str(p),) for p in paths)
+
+
+def _load(key: str, device) -> LoadedModel:
+    from ..models.catalog import MODEL_NAMES, build_model
+    from ..models.registry import bundled_card, load_pretrained
+
+    if key in MODEL_NAMES and bundled_card(key) is None:
+        net = build_model(key)  # no bundled weights: random weights, reported as untrained
+        net.to(device).eval()
+        return LoadedModel(key, net, {"name": key, "resolution": "full"}, False)
+    net, card = load_pretrained(key, device=str(device))
+    net.eval()
+    name = card.get("name") or (Path(key).stem if key not in MODEL_NAMES else key)
+    return LoadedModel(str(name), net, card, True)
+
+
+def load_model(model: str, checkpoint: str | None, device) -> LoadedModel:
+    """The network for the options (cached), ``LoadedModel(net=None)`` for the classical method."""
+    key = model_key(model, checkpoint)
+    if key == CLASSICAL:
+        return LoadedModel(CLASSICAL, None, {"name": CLASSICAL, "resolution": "half"}, True)
+    check_model(key)
+    cache_key = (key, str(device), _file_stamp(key))
+    with _LOCK:
+        hit = _CACHE.get(cache_key)
+        if hit is not None:
+            _CACHE.move_to_end(cache_key)
+            return hit
+    loaded = _load(key, device)
+    with _LOCK:
+        for old in [k for k in _CACHE if k[:2] == cache_key[:2]]:
+            del _CACHE[old]  # the same model from an older file
+        _CACHE[cache_key] = loaded
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return loaded
+
+
+def clear_model_cache() -> None:
+    """Forget the loaded networks (tests; freeing memory)."""
+    with _LOCK:
+        _CACHE.clear()
+
+

@@ -1,0 +1,230 @@
+"""The stages of one registration, each a small pure function with typed inputs and outputs.
+
+    load → pre-align → model grid → predict → refine → native grid → metrics → write
+
+``load`` is :func:`napari_unireg.io.load_volume`; ``write`` is :func:`napari_unireg.pipeline.write.write_result`;
+:func:`napari_unireg.pipeline.register.register_volumes` composes the rest. No stage keeps state between calls.
+Arrays on the model grid are canonical RAS 1 mm (``GridMapping.model_shape``); displacements are ``3×S`` in voxel
+units of their grid, pull convention (:mod:`napari_unireg.core.grid`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import Cancelled, UserError
+from .model_grid import GridMapping
+
+__all__ = [
+    "CLASSICAL_STEPS",
+    "Inputs",
+    "OnModelGrid",
+    "Field",
+    "NativeOutputs",
+    "check_inputs",
+    "prealign",
+    "model_grid",
+    "predict",
+    "refine",
+    "metrics",
+    "native_grid",
+]
+
+#: Adam steps per level of the classical method (levels 1/4 and 1/2 resolution).
+CLASSICAL_STEPS = 60
+#: ``report(fraction)`` of one stage; raises :class:`Cancelled` when the caller asked to stop.
+Report = Callable[[float], None]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The loaded volumes (canonical RAS :class:`~napari_unireg.io.Volume`); label maps optional."""
+
+    fixed: Any
+    moving: Any
+    fixed_seg: Any = None
+    moving_seg: Any = None
+
+
+@dataclass(frozen=True)
+class OnModelGrid:
+    """Both images (and label maps) on the fixed image's model grid; the moving ones through ``matrix``."""
+
+    mapping: GridMapping
+    fixed: np.ndarray
+    moving: np.ndarray
+    fixed_seg: np.ndarray | None
+    moving_seg: np.ndarray | None
+    matrix: np.ndarray | None  # 4×4 pre-alignment (world, pull), None = identity
+
+
+@dataclass(frozen=True)
+class Field:
+    """A displacement on the model grid (``1×3×S`` tensor) and its inverse when the network gives one."""
+
+    disp: Any
+    inverse: Any = None
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(disp, inverse)`` as float32 ``3×S`` arrays."""
+        import torch
+
+        with torch.inference_mode():
+            d = self.disp[0].float().cpu().numpy()
+            i = self.inverse[0].float().cpu().numpy() if self.inverse is not None else None
+        return d, i
+
+
+@dataclass(frozen=True)
+class NativeOutputs:
+    """Results on the fixed image's native canonical grid."""
+
+    disp: np.ndarray  # 3×X×Y×Z, Learn2Reg convention w.r.t. the moving image placed by world coordinates
+    warped: np.ndarray
+    warped_seg: np.ndarray | None
+    jacobian: np.ndarray
+    inverse: np.ndarray | None
+
+
+def check_inputs(inputs: Inputs) -> None:
+    """:class:`UserError` for a missing image, an image given as labels (or the reverse), a label map off its
+    image's grid."""
+    for vol, role in ((inputs.fixed, "fixed image"), (inputs.moving, "moving image")):
+        if vol is None:
+            raise UserError(f"no {role} given")
+        if vol.is_label:
+            raise UserError(f"the {role} ({vol.name}) is a label map; give an intensity image")
+    for seg, img, role in ((inputs.fixed_seg, inputs.fixed, "fixed"), (inputs.moving_seg, inputs.moving, "moving")):
+        if seg is None:
+            continue
+        if not seg.is_label:
+            raise UserError(f"the {role} label map ({seg.name}) is an intensity image, not labels")
+        if not seg.grid.same_as(img.grid, atol=1e-3):
+            raise UserError(
+                f"the {role} label map {seg.name} {seg.shape} is not on the grid of the {role} image "
+                f"{img.name} {img.shape}"
+            )
+
+
+def prealign(inputs: Inputs, method: str, report: Report, should_stop=None) -> np.ndarray | None:
+    """The affine pre-alignment (world, pull: fixed point → moving point), or None for ``method='none'``."""
+    if method == "none":
+        return None
+    from ..core.prealign import affine_prealign
+
+    try:
+        result = affine_prealign(inputs.fixed.data, inputs.moving.data, inputs.fixed.affine, inputs.moving.affine,
+                                 should_stop=should_stop, progress=lambda _stage, f: report(f))
+    except InterruptedError:
+        raise Cancelled() from None
+    return np.asarray(result.matrix, dtype=np.float64)
+
+
+def model_grid(inputs: Inputs, matrix: np.ndarray | None, shape) -> OnModelGrid:
+    """Fixed image to the model grid (1 mm, ``shape``, centred on the brain); the moving image (and labels)
+    pulled onto it through ``matrix`` from their own grids; intensities scaled to [0, 1]."""
+    from ..core.intensity import is_normalized, normalize_intensity
+    from .model_grid import to_model_grid
+
+    fixed_m, mapping = to_model_grid(inputs.fixed, shape)
+    moving_m = mapping.resample_to_model(inputs.moving, matrix)
+    if not is_normalized(moving_m):
+        moving_m = normalize_intensity(moving_m)
+    if np.count_nonzero(moving_m > 0) < 0.001 * moving_m.size:
+        raise UserError("fixed and moving images do not overlap after pre-alignment")
+    fixed_seg = mapping.to_model(inputs.fixed_seg.data, order=0) if inputs.fixed_seg is not None else None
+    moving_seg = mapping.resample_to_model(inputs.moving_seg, matrix) if inputs.moving_seg is not None else None
+    return OnModelGrid(mapping, fixed_m, moving_m, fixed_seg, moving_seg, matrix)
+
+
+def tensors(grid: OnModelGrid, device) -> tuple[Any, Any]:
+    """``(fixed, moving)`` as ``1×1×S`` float32 tensors on ``device``."""
+    import torch
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(device)
+
+    return t(grid.fixed), t(grid.moving)
+
+
+def predict(model, fixed_t, moving_t, *, resolution: str, amp: bool, io_lambda: float, io_fold_weight: float,
+            report: Report, should_stop=None) -> Field:
+    """The network's field on the model grid (``model.net`` wrapped in a
+    :class:`~napari_unireg.models.adapter.GridAdapter`), or the classical method's when ``model.net`` is None."""
+    import torch
+
+    if model.net is None:
+        from ..core.instance_opt import instance_optimise
+
+        disp = instance_optimise(fixed_t, moving_t, steps=CLASSICAL_STEPS, lam=io_lambda, fold_weight=io_fold_weight,
+                                 progress=report, should_stop=should_stop)
+        return Field(disp)
+    from ..models.adapter import GridAdapter
+
+    with torch.inference_mode():
+        disp, inverse = GridAdapter(model.net, resolution, amp)(moving_t, fixed_t)
+    return Field(disp, inverse)
+
+
+def refine(field: Field, fixed_t, moving_t, *, steps: int, io_lambda: float, io_fold_weight: float, report: Report,
+           should_stop=None) -> Field:
+    """Instance optimisation of ``field`` for ``steps`` Adam steps (the field unchanged for 0 steps). The inverse
+    is dropped: the refinement breaks exact inverse consistency."""
+    if steps <= 0:
+        return field
+    from ..core.instance_opt import instance_optimise
+
+    disp = instance_optimise(fixed_t, moving_t, init_disp=field.disp, steps=steps, lam=io_lambda,
+                             fold_weight=io_fold_weight, progress=report, should_stop=should_stop)
+    return Field(disp)
+
+
+def metrics(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None) -> dict[str, Any]:
+    """Metrics on the model grid (1 mm, the Learn2Reg convention): regularity always, Dice/HD95 with both label
+    maps (moving labels alone are warped, not scored), inverse consistency with an inverse field."""
+    from ..core.metrics import evaluate_registration, inverse_consistency_error
+
+    both = grid.fixed_seg is not None and grid.moving_seg is not None
+    out = evaluate_registration(disp, grid.fixed_seg if both else None, grid.moving_seg if both else None,
+                                fixed_image=grid.fixed)
+    if inverse is not None:
+        out["inverse_consistency"] = inverse_consistency_error(disp, inverse)
+    return out
+
+
+def native_grid(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None, inputs: Inputs) -> NativeOutputs:
+    """Fixed-grid outputs: the Learn2Reg field w.r.t. the moving image placed on the fixed grid by world
+    coordinates (pre-alignment folded in), the moving image/labels sampled once from their own grid, the
+    Jacobian determinant."""
+    from ..core.grid import apply_affine_field
+    from ..core.metrics import jacobian_determinant
+    from ..core.resample import sample_points
+
+    fixed = inputs.fixed
+    v = grid.mapping.field_to_native(disp)  # native voxels, without the pre-alignment
+    ident = np.indices(fixed.shape, dtype=np.float64)
+    # pre-aligned fixed voxel -> fixed voxel of the moving world point
+    fixed_coords = apply_affine_field(fixed.grid.voxel_map(fixed.grid, grid.matrix), ident + v)
+    del v
+    disp_native = (fixed_coords - ident).astype(np.float32)
+    del ident
+
+    def sample(vol, order):
+        coords = apply_affine_field(fixed.grid.voxel_map(vol.grid), fixed_coords)  # -> this volume's voxels
+        data = vol.data if order == 1 else vol.data.astype(np.float32)
+        out = sample_points(data, coords, order=order, outside="fill")
+        return out.astype(vol.data.dtype) if order == 0 else out.astype(np.float32)
+
+    warped = sample(inputs.moving, 1)
+    warped_seg = sample(inputs.moving_seg, 0) if inputs.moving_seg is not None else None
+    return NativeOutputs(
+        disp=disp_native,
+        warped=warped,
+        warped_seg=warped_seg,
+        jacobian=jacobian_determinant(disp_native),
+        inverse=None if inverse is None else grid.mapping.field_to_native(inverse),
+    )

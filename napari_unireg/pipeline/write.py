@@ -1,0 +1,142 @@
+"""The write stage: the result folder (NIfTI images in the fixed file's own voxel order and header, the
+Learn2Reg and ITK displacement files, metrics.json, run.json) and the provenance of a run.
+
+Formats (documented in the README): images float32 (labels in the moving label map's dtype); ``disp.nii.gz`` and
+``disp_itk.nii.gz`` stay float32 because NIfTI-1 has no float16 data type; gzip at level 1 (nibabel's default,
+the fastest zlib level).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .types import RegisterOptions, RegistrationResult
+
+__all__ = ["OUTPUTS", "RESULT_FILES", "check_outputs", "write_result", "provenance", "json_ready"]
+
+#: What ``--outputs`` can name, and the file each is written to (``run.json`` is always written).
+RESULT_FILES = {
+    "warped": "warped.nii.gz",
+    "disp": "disp.nii.gz",
+    "disp_itk": "disp_itk.nii.gz",
+    "jacobian": "jacobian.nii.gz",
+    "warped_seg": "warped_seg.nii.gz",
+    "metrics": "metrics.json",
+    "run": "run.json",
+}
+OUTPUTS = tuple(k for k in RESULT_FILES if k != "run")
+
+
+def check_outputs(outputs) -> tuple[str, ...]:
+    """The validated output names (all of :data:`OUTPUTS` for None); :class:`UserError` for unknown ones."""
+    if outputs is None:
+        return OUTPUTS
+    if isinstance(outputs, str):
+        outputs = [o for o in outputs.replace(" ", "").split(",") if o]
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown or not outputs:
+        raise UserError(f"unknown output {', '.join(unknown) or '(none given)'}: choose from {','.join(OUTPUTS)}")
+    return tuple(o for o in OUTPUTS if o in outputs)
+
+
+def provenance(options: RegisterOptions, result: RegistrationResult, fixed=None, moving=None) -> dict[str, Any]:
+    """What reproduces a run: options, model, versions, machine (saved as run.json)."""
+    import torch
+
+    from .. import __version__
+
+    return {
+        "napari_unireg": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "options": options.to_dict(),
+        "model": result.model_name,
+        "device": result.device,
+        "fixed": str(getattr(fixed, "path", "") or ""),
+        "moving": str(getattr(moving, "path", "") or ""),
+        "prealign_matrix": None if result.prealign_matrix is None else np.asarray(result.prealign_matrix).tolist(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def json_ready(obj):
+    """A metrics/provenance structure as plain JSON: string keys, Python scalars, NaN/inf as null."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _thread_budget() -> int:
+    """The user's thread setting (torch's, set by ``--threads``) when torch is loaded, else the core count."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else (os.cpu_count() or 1)
+
+
+def write_result(
+    result: RegistrationResult, fixed, out, *, overwrite: bool = False, options: RegisterOptions | None = None,
+    moving=None, outputs=None,
+) -> dict[str, Path]:
+    """Write the results into ``out`` (created): images in the fixed file's own voxel order and header.
+
+    ``outputs`` (default: all of :data:`OUTPUTS`) names what to write; ``warped_seg`` only exists with a moving
+    label map. Returns ``{output: path}``.
+    """
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_volume
+
+    wanted = check_outputs(outputs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [RESULT_FILES[k] for k in wanted if k != "warped_seg" or result.warped_seg is not None]
+    names.append(RESULT_FILES["run"])
+    clash = [n for n in names if (out / n).exists()]
+    if clash and not overwrite:  # refuse before writing anything, so a refused run leaves the folder as it was
+        raise UserError(f"output files already exist in {out}: {', '.join(clash)}; "
+                        "use --overwrite or another output folder")
+    disp_orig = disp_to_original_orientation(result.disp_native, fixed) if {"disp", "disp_itk"} & set(wanted) else None
+    jobs = {
+        "warped": lambda: save_volume(result.warped, fixed, out / "warped.nii.gz", dtype=np.float32,
+                                      overwrite=overwrite),
+        "jacobian": lambda: save_volume(result.jacobian.astype(np.float32), fixed, out / "jacobian.nii.gz",
+                                        overwrite=overwrite),
+        "disp": lambda: save_disp_l2r(disp_orig, out / "disp.nii.gz", overwrite=overwrite),
+        "disp_itk": lambda: save_disp_itk(disp_orig, fixed.original_affine, out / "disp_itk.nii.gz",
+                                          overwrite=overwrite),
+    }
+    if result.warped_seg is not None:
+        jobs["warped_seg"] = lambda: save_volume(result.warped_seg, fixed, out / "warped_seg.nii.gz",
+                                                 overwrite=overwrite)
+    jobs = {k: job for k, job in jobs.items() if k in wanted}
+    # gzip compression dominates and zlib releases the GIL: the files compress in parallel threads
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), _thread_budget()))) as pool:
+        futures = {key: pool.submit(job) for key, job in jobs.items()}
+        written = {key: fut.result() for key, fut in futures.items()}
+    texts = [("run.json", provenance(options or RegisterOptions(), result, fixed, moving))]
+    if "metrics" in wanted:
+        texts.insert(0, ("metrics.json", result.metrics))
+    for name, payload in texts:
+        path = out / name  # existing files were refused above, before anything was written
+        tmp = path.with_name(f".{name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(json_ready(payload), indent=1))
+        os.replace(tmp, path)
+        written[name.split(".")[0]] = path
+    return written
