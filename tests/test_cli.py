@@ -176,3 +176,34 @@ def test_progress_without_a_terminal_is_one_line_per_stage(capsys):
         progress(stage, frac)
     close()
     assert capsys.readouterr().err.splitlines() == ["load ...", "prealign ...", "inference ..."]
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--grid", "0", "0", "0"], "model grid"),
+        (["--grid", "7", "7", "7"], "model grid"),
+        (["--grid", "160", "224", "200"], "multiple of 16"),
+        (["--io-steps", "-1"], "refinement steps"),
+        (["--model", "no-such-model"], "unknown model"),
+        (["--checkpoint", "missing.safetensors"], "unknown model"),
+        (["--device", "tpu"], "unknown device"),
+        (["--outputs", "warped,nonsense"], "unknown output"),
+    ],
+)
+def test_every_option_is_checked_before_any_image_is_read(tmp_path, capsys, option, message):
+    """The images do not exist: an error about them would mean they were read before the options were checked."""
+    rc = main(["register", str(tmp_path / "no_fixed.nii.gz"), str(tmp_path / "no_moving.nii.gz"), *option,
+               "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "no_fixed" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_outputs_writes_only_what_is_asked(pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["register", pair["fixed"], pair["moving"], "--moving-seg", pair["mseg"], "--model", "classical",
+               "--prealign", "none", "--outputs", "warped,disp", "--out", str(out), "--quiet", *GRID])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["disp.nii.gz", "run.json", "warped.nii.gz"]
+    assert nib.load(out / "disp.nii.gz").shape == (*SHAPE, 3)

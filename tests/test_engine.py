@@ -83,3 +83,50 @@ def test_results_are_written_in_the_fixed_files_orientation(tmp_path):
         write_result(res, fixed_lps, tmp_path / "out")
     after = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "out").iterdir()}
     assert after == {k: v for k, v in before.items() if k != "jacobian.nii.gz"}  # nothing written or touched
+
+
+def test_grid_adapter_pads_pools_and_crops_with_exact_geometry():
+    """A network that predicts a constant shift c on whatever grid it gets: at half resolution the field is 2c on
+    the input grid (pooled voxels are twice as large), whatever padding the network's multiple needs."""
+    import torch
+
+    from napari_unireg.models.adapter import GridAdapter
+    from napari_unireg.models.output import RegistrationOutput
+
+    seen = []
+
+    class Shift(torch.nn.Module):
+        grid_multiple = 16
+
+        def forward(self, moving, fixed):
+            seen.append(tuple(fixed.shape[2:]))
+            disp = torch.tensor([0.5, -1.0, 0.25]).view(1, 3, 1, 1, 1).expand(1, 3, *fixed.shape[2:])
+            return RegistrationOutput(disp=disp.clone(), inverse=-disp.clone())
+
+    x = torch.rand(1, 1, 36, 40, 34)
+    for resolution, factor in (("full", 1), ("half", 2)):
+        disp, inverse = GridAdapter(Shift(), resolution)(x, x)
+        assert seen[-1] == (48, 48, 48) if factor == 1 else seen[-1] == (32, 32, 32)
+        assert disp.shape == inverse.shape == (1, 3, 36, 40, 34)
+        expected = torch.tensor([0.5, -1.0, 0.25]).view(1, 3, 1, 1, 1) * factor
+        torch.testing.assert_close(disp, expected.expand_as(disp), rtol=0, atol=1e-5)
+        torch.testing.assert_close(inverse, -expected.expand_as(disp), rtol=0, atol=1e-5)
+
+
+def test_a_model_is_loaded_once_per_device_and_again_when_its_file_changes(tmp_path):
+    import os
+
+    from napari_unireg.models.catalog import build_model
+    from napari_unireg.models.checkpoint import save_weights
+    from napari_unireg.pipeline.models import clear_model_cache, load_model
+
+    clear_model_cache()
+    net = build_model("voxelmorph", enc_features=(4, 4, 4, 4), dec_features=(4, 4, 4, 4, 4, 4, 4))
+    path = tmp_path / "tiny.safetensors"
+    save_weights(net, path, card={"resolution": "full"})
+    first = load_model("default", str(path), "cpu")
+    assert load_model("default", str(path), "cpu") is first  # cached: same object, no second load
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was replaced
+    assert load_model("default", str(path), "cpu") is not first
+    clear_model_cache()
