@@ -487,14 +487,91 @@ def parse_args(argv=None):
                    help="FIXED MOVING [FIXED_SEG MOVING_SEG] (default: the demo pair)")
     p.add_argument("--head-std", type=float, default=2e-3, help="flow-head weight σ of variants without weights")
     p.add_argument("--out", default=None, help="JSON report (the Markdown goes beside it, .md)")
+    p.add_argument("--compare", default=None, metavar="OLD_TREE",
+                   help="side by side: the whole `unireg register` command of OLD_TREE (e.g. a git worktree of the "
+                        "last release) and of this tree, each in a fresh process, per stage")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------- side by side
+def run_cli(tree: Path, files: dict[str, str | None], out: Path, prealign: str, threads: int,
+            extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One ``python -m napari_unireg.cli register`` of ``tree`` in a fresh process: wall seconds (process start
+    included), peak RSS (the child's ``ru_maxrss``) and the engine's own stage seconds from metrics.json."""
+    env = dict(os.environ, PYTHONPATH=str(tree), **{k: str(threads) for k in
+                                                    ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    cmd = [sys.executable, "-m", "napari_unireg.cli", "register", files["fixed"], files["moving"],
+           "--prealign", prealign, "--out", str(out), "--overwrite", "--quiet", *extra]
+    for role in ("fixed_seg", "moving_seg"):
+        if files.get(role):
+            cmd += [f"--{role.replace('_', '-')}", files[role]]
+    t = time.perf_counter()
+    proc = subprocess.Popen(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], env=env, cwd=str(tree),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tree}: exit {proc.returncode}: {stderr.strip().splitlines()[-2:]}")
+    rss_kb = [int(line.split()[1]) for line in stderr.splitlines() if line.startswith("MAXRSS_KB")]
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"wall": wall, "max_rss_gb": (rss_kb[-1] * 1024 / GB) if rss_kb else float("nan"),
+            "seconds": metrics.get("seconds", {}),
+            "summary": stdout.strip().splitlines()[0] if stdout.strip() else ""}
+
+
+def max_disp_difference(a: Path, b: Path) -> float:
+    """max |a − b| over two Learn2Reg displacement files (voxels)."""
+    import nibabel as nib
+    import numpy as np
+
+    x = np.asarray(nib.load(str(a)).dataobj, dtype=np.float64)
+    y = np.asarray(nib.load(str(b)).dataobj, dtype=np.float64)
+    return float(np.abs(x - y).max())
+
+
+def compare(old_tree: Path, new_tree: Path, files: dict[str, str | None], threads: int) -> str:
+    """Old and new ``unireg register`` side by side (``--prealign none`` and ``affine``); a Markdown table."""
+    work = Path(tempfile.mkdtemp(prefix="unireg_compare_"))
+    rows = []
+    try:
+        for prealign in ("none", "affine"):
+            res = {}
+            for label, tree in (("old", old_tree), ("new", new_tree)):
+                res[label] = run_cli(tree, files, work / f"{label}-{prealign}", prealign, threads)
+                print(f"  {label} --prealign {prealign}: {res[label]['wall']:.1f} s wall, "
+                      f"{res[label]['max_rss_gb']:.2f} GB peak", flush=True)
+            diff = max_disp_difference(work / f"old-{prealign}" / "disp.nii.gz", work / f"new-{prealign}" / "disp.nii.gz")
+            rows.append((prealign, res, diff))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [f"`unireg register` old ({old_tree}) vs new ({new_tree}), {threads} threads, load average {load:.1f}", ""]
+    for prealign, res, diff in rows:
+        keys = list(dict.fromkeys([*res["old"]["seconds"], *res["new"]["seconds"]]))
+        lines += [f"--prealign {prealign}: max |disp old − disp new| = {diff:.2e} voxel", "",
+                  "| seconds | old | new |", "|---|---:|---:|"]
+        for k in keys:
+            o, n = res["old"]["seconds"].get(k), res["new"]["seconds"].get(k)
+            lines.append(f"| {k} | {_f(o)} | {_f(n)} |")
+        for label, key in (("outside the engine (start, read, write)", None), ("whole command (wall)", "wall")):
+            o = res["old"]["wall"] - (0 if key else res["old"]["seconds"].get("total", 0))
+            n = res["new"]["wall"] - (0 if key else res["new"]["seconds"].get("total", 0))
+            lines.append(f"| {label} | {o:.2f} | {n:.2f} |")
+        lines.append(f"| peak RSS GB | {res['old']['max_rss_gb']:.2f} | {res['new']['max_rss_gb']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if args.compare is not None:
+        files, description, _ = source_files(args.data)
+        print(f"# {description}", flush=True)
+        print(compare(Path(args.compare).resolve(), Path(__file__).resolve().parents[1], files, args.threads[0]))
         return 0
     import torch
 

@@ -232,3 +232,20 @@ def test_grid_voxel_maps_equal_nibabel_composition():
     assert half.shape == (5, 10, 15)
     np.testing.assert_allclose(half.world([[1, 1, 1]]), grid.world([[2, 2, 2]]), atol=1e-9)  # voxel 0 kept
     np.testing.assert_allclose(grid.window((2, -1, 3), (4, 4, 4)).world([[0, 0, 0]]), grid.world([[2, -1, 3]]))
+
+
+def test_sample_points_nearest_equals_map_coordinates_with_ties_and_borders():
+    from scipy.ndimage import map_coordinates
+
+    from napari_unireg.core.resample import sample_points
+
+    rng = np.random.default_rng(2)
+    lab = rng.integers(0, 40, (9, 11, 7)).astype(np.int16)
+    coords = np.indices(lab.shape).astype(np.float64) + rng.normal(scale=3, size=(3, *lab.shape))
+    coords[:, ::2] = np.round(coords[:, ::2] * 2) / 2  # exact .5 ties
+    coords[0, 0, 0, :5] = [-1e-12, 0.0, 8.0, 8.0 + 1e-12, -0.0]  # on and just past the borders
+    for fill in (0, 7):
+        out = sample_points(lab, coords, order=0, outside="fill", fill=fill)
+        ref = map_coordinates(lab, coords, order=0, mode="constant", cval=fill)
+        assert out.dtype == lab.dtype
+        np.testing.assert_array_equal(out, ref)

@@ -355,17 +355,19 @@ _ONE_SIDED = [(a, b, c) for a in "+-" for b in "+-" for c in "+-"]
 _SCHEMES = ["".join(s) for s in _ONE_SIDED] + ["*1", "*2"]
 
 
-def _ndv_slab(u: np.ndarray, s: int, e: int) -> dict[str, np.ndarray]:
-    """The 10 determinants at voxels ``[s:e] × [1:-1] × [1:-1]`` (1-voxel crop: edge replication unused).
+def _ndv_slab(u: np.ndarray, s: int, e: int, box: tuple[int, int, int, int] | None = None) -> dict[str, np.ndarray]:
+    """The 10 determinants at voxels ``[s:e] × [1:-1] × [1:-1]`` (1-voxel crop: edge replication unused), or at
+    ``[s:e] × [b0:b1] × [b2:b3]`` for ``box = (b0, b1, b2, b3)`` inside that crop.
 
     One-sided schemes: columns are forward ``T(p+e_a) − T(p)`` or backward ``T(p) − T(p−e_a)`` differences
     (determinant 1 for the identity). ``*1``/``*2``: the central tetrahedra spanned by the backward / forward
     face diagonals ``T(p ∓ e_a ∓ e_b) − T(p)``, columns ordered so that the identity gives +2.
     """
     _, n0, n1, n2 = u.shape
+    b0, b1, b2, b3 = (1, n1 - 1, 1, n2 - 1) if box is None else box
 
     def at(o0: int, o1: int, o2: int) -> np.ndarray:
-        return u[:, s + o0 : e + o0, 1 + o1 : n1 - 1 + o1, 1 + o2 : n2 - 1 + o2]
+        return u[:, s + o0 : e + o0, b0 + o1 : b1 + o1, b2 + o2 : b3 + o2]
 
     def diff(off: tuple[int, int, int], base: tuple[int, int, int] = (0, 0, 0)) -> list[np.ndarray]:
         """Components of ``T(p+off) − T(p+base)`` with ``T = id + u``."""
@@ -429,13 +431,19 @@ def ndv(disp: Any, mask: Any = None) -> float:
     n_mask = int(np.count_nonzero(m))
     if n_mask == 0:
         return float("nan")
+    # Only the mask's bounding box along axes 1 and 2 is computed: the masked voxels, their order and the slabs
+    # stay the same, so the sums are bitwise those of the whole grid.
+    rows = np.flatnonzero(m.any(axis=(0, 2)))
+    cols = np.flatnonzero(m.any(axis=(0, 1)))
+    box = (int(rows[0]) + 1, int(rows[-1]) + 2, int(cols[0]) + 1, int(cols[-1]) + 2)
+    m = m[:, box[0] - 1 : box[1] - 1, box[2] - 1 : box[3] - 1]
     total = 0.0
     for s in range(1, shape[0] - 1, _SLAB):
         e = min(s + _SLAB, shape[0] - 1)
         msl = m[s - 1 : e - 1]
         if not msl.any():
             continue
-        neg = sum(np.maximum(-j, 0.0) for j in _ndv_slab(u, s, e).values())
+        neg = sum(np.maximum(-j, 0.0) for j in _ndv_slab(u, s, e, box).values())
         total += float(neg[msl].sum())
     return total / 12.0 / n_mask * 100.0
 
