@@ -1,7 +1,7 @@
 """Pure functions that build the data of the result layers (numpy in, numpy out, no napari import).
 
 Every array here is on the *fixed image's canonical RAS grid* (the grid of ``RegistrationResult.warped``);
-displacements are ``3×X×Y×Z`` in voxel units of that grid, pull convention (``spatial.py``).
+displacements are ``3×X×Y×Z`` in voxel units of that grid, pull convention (``core/sample.py``).
 """
 
 from __future__ import annotations

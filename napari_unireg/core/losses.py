@@ -1,6 +1,6 @@
 """Training losses (ARCHITECTURE.md §8): squared local NCC (VFA version), diffusion regulariser, symmetric form.
 
-Tensors are ``B×C×D0×D1×D2``; displacements ``B×3×S`` in voxel units, pull convention (``spatial.py``).
+Tensors are ``B×C×D0×D1×D2``; displacements ``B×3×S`` in voxel units, pull convention (``core/sample.py``).
 """
 
 from __future__ import annotations

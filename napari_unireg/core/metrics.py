@@ -1,6 +1,6 @@
 """Evaluation metrics of a registration (numpy + scipy; torch tensors are accepted and converted).
 
-Conventions (``docs/DESIGN.md``, ``spatial.py``): a displacement ``u`` is ``3×D0×D1×D2`` (a leading batch of 1
+Conventions (``docs/DESIGN.md``, ``core/sample.py``): a displacement ``u`` is ``3×D0×D1×D2`` (a leading batch of 1
 and Learn2Reg's channel-last ``D0×D1×D2×3`` are accepted) in voxel units, pull direction:
 ``warped(p) = moving(p + u(p))``. Label maps are integer ``D0×D1×D2`` arrays on the fixed grid.
 

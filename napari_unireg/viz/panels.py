@@ -1,6 +1,6 @@
 """One panel of a comparison figure: the 2-D data of one slice and the function that draws it into an Axes.
 
-Conventions (``napari_unireg/spatial.py``): volumes are ``D0×D1×D2`` arrays, a displacement is ``3×D0×D1×D2``
+Conventions (``napari_unireg/core/sample.py``): volumes are ``D0×D1×D2`` arrays, a displacement is ``3×D0×D1×D2``
 in voxel units with the pull convention ``warped(p) = moving(p + u(p))`` (``1×3×S`` and channel-last ``S×3``
 are accepted too). Warps use scipy, not torch: images and the deformation grid with
 ``map_coordinates(order=1, mode='nearest')`` (= ``grid_sample`` bilinear, border padding, align_corners=True),
