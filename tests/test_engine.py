@@ -130,3 +130,30 @@ def test_a_model_is_loaded_once_per_device_and_again_when_its_file_changes(tmp_p
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was replaced
     assert load_model("default", str(path), "cpu") is not first
     clear_model_cache()
+
+
+def test_the_pipeline_adds_nothing_to_a_zero_field(monkeypatch):
+    """Self-registration through every stage with a network that predicts 0 (issue 15 #8): anisotropic voxels
+    (model grid resampling), half resolution (pooling, padding), normalisation, back to the native grid: the
+    written field must be 0 and the warped image the moving image, so any field a real network gives on a pair
+    of identical images is the network's own."""
+    import torch
+
+    from napari_unireg.models.output import RegistrationOutput
+    from napari_unireg.pipeline import register as reg
+    from napari_unireg.pipeline.models import LoadedModel
+
+    class Zero(torch.nn.Module):
+        grid_multiple = 16
+
+        def forward(self, moving, fixed):
+            return RegistrationOutput(disp=torch.zeros(1, 3, *fixed.shape[2:]))
+
+    monkeypatch.setattr(reg, "load_model", lambda *a: LoadedModel("zero", Zero(), {"resolution": "half"}, True))
+    data = smooth_blob_volume((30, 26, 28), seed=5)
+    data[data < 0.3] = 0
+    vol = volume_from_array(data * 1000, np.diag([1.5, 1.7, 1.2, 1.0]), kind="image", name="self")
+    res = register_volumes(vol, vol, options=RegisterOptions(prealign="none", grid_shape=(48, 48, 48)))
+    assert np.abs(res.disp_native).max() == 0 and np.abs(res.disp_model).max() == 0
+    np.testing.assert_allclose(res.warped, vol.data, rtol=1e-6, atol=1e-3)
+    assert res.metrics["sdlogj"] == 0 and res.metrics["ndv"] == 0
