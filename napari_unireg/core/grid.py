@@ -30,9 +30,12 @@ def voxel_map(src_affine: np.ndarray, dst_affine: np.ndarray, world: np.ndarray 
 
 
 def apply_affine_field(matrix: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """``matrix`` (4×4) applied to a coordinate field ``3×...`` (channel first), float64."""
+    """``matrix`` (4×4) applied to a coordinate field ``3×...`` (channel first), float64 (the input itself for
+    the identity matrix)."""
     m = np.asarray(matrix, dtype=np.float64)
     coords = np.asarray(coords, dtype=np.float64)
+    if np.allclose(m, np.eye(4), rtol=0, atol=1e-12):
+        return coords  # the common case (same grid, no pre-alignment): no 3×S float64 pass
     out = np.tensordot(m[:3, :3], coords, axes=(1, 0))
     out += m[:3, 3].reshape((3,) + (1,) * (coords.ndim - 1))
     return out
