@@ -541,7 +541,8 @@ def compare(old_tree: Path, new_tree: Path, files: dict[str, str | None], thread
                 res[label] = run_cli(tree, files, work / f"{label}-{prealign}", prealign, threads)
                 print(f"  {label} --prealign {prealign}: {res[label]['wall']:.1f} s wall, "
                       f"{res[label]['max_rss_gb']:.2f} GB peak", flush=True)
-            diff = max_disp_difference(work / f"old-{prealign}" / "disp.nii.gz", work / f"new-{prealign}" / "disp.nii.gz")
+            diff = max_disp_difference(work / f"old-{prealign}" / "disp.nii.gz",
+                                       work / f"new-{prealign}" / "disp.nii.gz")
             rows.append((prealign, res, diff))
     finally:
         shutil.rmtree(work, ignore_errors=True)

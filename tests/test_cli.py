@@ -183,7 +183,7 @@ def test_progress_without_a_terminal_is_one_line_per_stage(capsys):
     [
         (["--grid", "0", "0", "0"], "model grid"),
         (["--grid", "7", "7", "7"], "model grid"),
-        (["--grid", "160", "224", "200"], "multiple of 16"),
+        (["--grid", "160", "224", "196"], "multiple of 8"),
         (["--io-steps", "-1"], "refinement steps"),
         (["--model", "no-such-model"], "unknown model"),
         (["--checkpoint", "missing.safetensors"], "unknown model"),

@@ -21,7 +21,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="network input resolution; auto = the resolution the model was trained at")
     p.add_argument("--io-steps", type=int, default=0, help="instance-optimisation refinement steps after the network")
     p.add_argument("--grid", type=int, nargs=3, default=(160, 224, 192), metavar=("X", "Y", "Z"),
-                   help="model grid in 1 mm voxels (default: the Learn2Reg box 160 224 192)")
+                   help="model grid in 1 mm voxels, each ≥ 32 and a multiple of 8 "
+                        "(default: the Learn2Reg box 160 224 192)")
     p.add_argument("--outputs", default=None, metavar="LIST",
                    help="comma-separated results to write (default all): "
                         "warped,disp,disp_itk,jacobian,warped_seg,metrics; run.json is always written")

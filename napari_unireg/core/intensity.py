@@ -10,8 +10,8 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["MODEL_SHAPE", "normalize_intensity", "is_normalized", "CropPad", "foreground_bbox", "crop_or_pad", "apply_window",
-           "undo_crop_or_pad"]
+__all__ = ["MODEL_SHAPE", "normalize_intensity", "is_normalized", "CropPad", "foreground_bbox", "crop_or_pad",
+           "apply_window", "undo_crop_or_pad"]
 
 #: The networks' grid (1 mm RAS, the Learn2Reg/LUMIR box): written once, used everywhere.
 MODEL_SHAPE = (160, 224, 192)

@@ -3,7 +3,7 @@
 The networks only correct residual non-linear differences, so two native scans (different people, scanners,
 orientations and voxel sizes) are first brought into affine correspondence:
 
-1. both images are scaled to [0, 1] (:func:`~napari_unireg.pipeline.model_grid.normalize_intensity`) and averaged down to
+1. both images are scaled to [0, 1] (:func:`~napari_unireg.core.intensity.normalize_intensity`) and averaged down to
    isotropic pyramid levels (default 6, 4 and 2 mm);
 2. initialisation: the centres of mass coincide and an isotropic scale matches the brains' second moments;
 3. a 12-parameter affine ``y = A·(x − c_f) + c_m + t`` (``x`` fixed world point, ``y`` moving world point,

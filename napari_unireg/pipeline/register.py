@@ -35,9 +35,10 @@ __all__ = [
     "RegistrationResult",
 ]
 
-#: The model grid's sizes must be multiples of this (the bundled networks' coarsest level at full resolution;
-#: other multiples a network needs are reached by padding inside :class:`~napari_unireg.models.adapter.GridAdapter`).
-GRID_MULTIPLE = 16
+#: The model grid's sizes must be multiples of this: the 1/2 and 1/4 levels (half-resolution networks, the
+#: classical method's pyramid) then pool without partial voxels. A network's own multiple (16 or 32) is reached
+#: by padding inside :class:`~napari_unireg.models.adapter.GridAdapter`.
+GRID_MULTIPLE = 8
 GRID_MIN = 32
 
 
@@ -45,7 +46,7 @@ def validate_options(options: RegisterOptions) -> RegisterOptions:
     """Check every option before any image or network is loaded; :class:`UserError` naming the first bad one.
 
     Model name or checkpoint file, device (a CUDA request without CUDA), pre-alignment, resolution, refinement
-    steps, model grid (three sizes, each ≥ 32 and a multiple of 16). Returns ``options`` unchanged.
+    steps, model grid (three sizes, each ≥ 32 and a multiple of 8). Returns ``options`` unchanged.
     """
     from .models import check_model, model_key
 
