@@ -14,6 +14,16 @@ on the CPU with ``--threads`` threads and on CUDA when present (``--device cuda`
 Reports seconds per step, steps per second, peak resident memory of the process (CPU) and peak allocated GPU
 memory (CUDA), as Markdown (stdout) and JSON (``--out``), with the machine named. Full-resolution training on
 a CPU takes minutes per step and tens of GB: on a small machine start with ``--sizes half --steps 1``.
+
+``--profile`` adds the step profile (issue 12): per model and precision (``--amp fp32 bf16``), the seconds of
+the forward pass (under autocast), the loss (warp + NCC + diffusion, forward only), the backward pass (network
+and loss), the optimiser step and, with ``--data DATASET.json``, one training item of the data path (the
+campaign recipe: half resolution, 30 % synthesised pairs, augmentation; a DataLoader worker computes it, on
+the same cores). Plain ``perf_counter`` timers, synchronised on CUDA. ``--old-tree DIR`` also times the step
+of another checkout (e.g. ``git worktree add /tmp/old-train main``) in the same run, for before/after.
+
+    python benchmarks/training.py --profile --models dp-vfa dp-convic-c --sizes half --amp fp32 bf16 \
+        --steps 2 --threads 2 --data ../shared/data/dataset.json --out bench/training_cpu.json
 """
 
 from __future__ import annotations
@@ -154,6 +164,132 @@ def child(name: str, shape: tuple[int, int, int], device: str, threads: int, ste
     return res
 
 
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def profile_child(name: str, shape: tuple[int, int, int], device: str, threads: int, steps: int, amp: str) -> dict:
+    """Seconds per phase of one training step (mean over ``steps`` after one warm-up step), in this process.
+
+    The phases are those of ``train.loop.train_step``: forward under autocast, loss in fp32 (its backward is
+    part of "backward"), backward, optimiser step (Adam, AMSGrad).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from napari_unireg.losses import registration_loss
+    from napari_unireg.models.output import RegistrationOutput
+    from napari_unireg.models.registry import build_model
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    model.train()
+    symmetric = bool(getattr(model, "is_inverse_consistent", False))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, amsgrad=True)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    multiple = int(getattr(model, "grid_multiple", 16))
+    padded = tuple(s + (-s) % multiple for s in shape)
+    moving, fixed = _pair(shape, device)
+    if padded != tuple(shape):
+        pad = [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]]
+        moving, fixed = F.pad(moving, pad), F.pad(fixed, pad)
+    phases = {"forward": [], "loss": [], "backward": [], "optimizer": [], "total": []}
+    for i in range(steps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(moving, fixed)
+        _sync(device)
+        t1 = time.perf_counter()
+        disp = out.disp.float()
+        target = RegistrationOutput(disp, out.inverse.float()) if symmetric else disp
+        loss = registration_loss(fixed, moving, target, 1.0)
+        _sync(device)
+        t2 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        t3 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t4 = time.perf_counter()
+        if i > 0:  # the first step warms up the allocator and kernel choice
+            for k, a, b in (("forward", t0, t1), ("loss", t1, t2), ("backward", t2, t3), ("optimizer", t3, t4),
+                            ("total", t0, t4)):
+                phases[k].append(b - a)
+    res = {"model": name, "shape": list(padded), "device": device, "amp": amp, "threads": torch.get_num_threads(),
+           "steps": steps, "load_avg": os.getloadavg()[0], "loss": float(loss.detach()),
+           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    res.update({f"{k}_s": sum(v) / len(v) for k, v in phases.items()})
+    return res
+
+
+def data_child(dataset: str, threads: int, items: int) -> dict:
+    """Seconds per training item of the data path (campaign recipe at half resolution), in this process."""
+    import torch
+
+    from napari_unireg.train.config import config_from_dict
+    from napari_unireg.train.data import PairDataset, PairPlan, VolumeLoader, discover
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    root = Path(dataset).resolve().parent
+    maps = root / "synthseg_labels"
+    cfg = config_from_dict({
+        "data": {"source": str(dataset), "resolution": "half"},
+        "augment": {"enabled": True},
+        "synth": {"prob": 0.3, "label_maps": [str(maps)] if maps.is_dir() else []},
+    })
+    tset = discover(cfg.data, cfg.synth)
+    plan = PairPlan(len(tset.entries), tset.excluded, 3, cfg.synth.prob, len(tset.label_maps), cfg.synth.same_map_prob)
+    ds = PairDataset(tset, cfg, plan, VolumeLoader(cfg.data.grid_shape, 2, cfg.data.cache_size, None), False)
+    times, kinds = [], []
+    for i in range(items):
+        t0 = time.perf_counter()
+        item = ds[i]
+        times.append(time.perf_counter() - t0)
+        kinds.append("synth" if item["synthetic"] else "real")
+    return {"items": items, "data_s": sum(times) / len(times), "times": times, "kinds": kinds}
+
+
+def format_profile(rows: list[dict], data: dict | None) -> str:
+    """Markdown table of the step profiles."""
+    lines = ["## Step profile", "",
+             "| model | grid | device | amp | thr | forward | loss | backward | optimiser | step total | data item |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    dcol = f"{data['data_s']:.2f}" if data and "data_s" in data else "–"
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | – | {r['device']} | {r.get('amp', '')} | – | FAILED: {r['error']} "
+                         "| | | | | |")
+            continue
+        lines.append(f"| {r['model']}{r.get('tag', '')} | {'×'.join(map(str, r['shape']))} | {r['device']} | "
+                     f"{r['amp']} | {r['threads']} | {r['forward_s']:.2f} | {r['loss_s']:.2f} | "
+                     f"{r['backward_s']:.2f} | {r['optimizer_s']:.3f} | {r['total_s']:.2f} | {dcol} |")
+    lines += ["", "Seconds, mean over the timed steps after one warm-up step (batch 1). *loss* is the forward of the "
+              "§8 loss (warp, NCC, diffusion) in fp32; its backward is inside *backward*. *data item*: one "
+              "training pair of the campaign recipe (half resolution, 30 % synthesised, augmentation), computed "
+              "by a DataLoader worker on the same cores (not in *step total*)."]
+    if data and "kinds" in data:
+        lines.append("Data items: " + ", ".join(f"{k} {s:.2f} s" for k, s in zip(data["kinds"], data["times"])) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def _run_child(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout {timeout}s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def format_markdown(rows: list[dict], machine: dict) -> str:
     """Markdown table of the measurements with the machine line."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -184,8 +320,24 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per measurement before it is abandoned")
     p.add_argument("--out", default=None, help="JSON report (the Markdown is printed)")
+    p.add_argument("--profile", action="store_true", help="time the phases of a step (see above)")
+    p.add_argument("--amp", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
+                   help="precisions of --profile")
+    p.add_argument("--data", default=None, help="dataset.json: --profile also times the data path")
+    p.add_argument("--data-items", type=int, default=6, help="training items the data timing averages")
+    p.add_argument("--old-tree", default=None, help="another checkout whose train step --profile also times")
+    p.add_argument("--profile-child", nargs=4, metavar=("MODEL", "SHAPE", "DEVICE", "AMP"), help=argparse.SUPPRESS)
+    p.add_argument("--data-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=3, metavar=("MODEL", "SHAPE", "DEVICE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.profile_child:
+        name, shape, device, amp = args.profile_child
+        shape = tuple(int(s) for s in shape.split("x"))
+        print(json.dumps(profile_child(name, shape, device, args.threads, args.steps, amp)))
+        return 0
+    if args.data_child:
+        print(json.dumps(data_child(args.data_child, args.threads, args.data_items)))
+        return 0
     if args.child:
         name, shape, device = args.child
         print(json.dumps(child(name, tuple(int(s) for s in shape.split("x")), device, args.threads, args.steps)))
@@ -207,6 +359,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     machine = machine_info(args.threads, devices[-1] if devices else "cpu")
+    if args.profile:
+        return _profile_main(args, devices, sizes, machine)
     rows = []
     for device in devices:
         for size, shape in sizes.items():
@@ -237,6 +391,53 @@ def main(argv=None) -> int:
         out.write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                                    "rows": rows}, indent=1))
         out.with_suffix(".md").write_text(md)
+    return 0
+
+
+def _profile_main(args, devices, sizes, machine) -> int:
+    """The step profile (+ the data path, + the same step from ``--old-tree``): Markdown and JSON."""
+    trees = [("", str(Path(__file__).resolve().parent.parent))]
+    if args.old_tree:
+        trees.append((" (old)", str(Path(args.old_tree).resolve())))
+    rows = []
+    for device in devices:
+        for size, shape in sizes.items():
+            for name in args.models:
+                for amp in args.amp:
+                    for tag, root in trees:
+                        # the old tree runs this script's profile code against its own package
+                        env = {**os.environ, "PYTHONPATH": root}
+                        cmd = [sys.executable, __file__, "--profile-child", name, "x".join(map(str, shape)), device,
+                               amp, "--threads", str(args.threads), "--steps", str(args.steps)]
+                        r = _run_child(cmd, args.timeout, env)
+                        r.update({"model": name, "size": size, "device": device, "amp": amp, "tag": tag,
+                                  "tree": root})
+                        rows.append(r)
+                        msg = r.get("error") or f"{r['total_s']:.2f} s/step"
+                        print(f"# {name}{tag} {size} {device} {amp}: {msg}", file=sys.stderr, flush=True)
+    data = None
+    if args.data:
+        cmd = [sys.executable, __file__, "--data-child", args.data, "--threads", str(args.threads),
+               "--data-items", str(args.data_items)]
+        data = _run_child(cmd, args.timeout)
+    machine["load_avg_end"] = os.getloadavg()[0]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from accuracy import machine_line
+
+    md = "# Training step profile\n\n" + f"* Machine: {machine_line(machine)}\n\n" + format_profile(rows, data)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(out.read_text()) if out.is_file() else {}
+        old.update({"profile": {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
+                                "data": data}})
+        out.write_text(json.dumps(old, indent=1))
+        md_path = out.with_suffix(".md")
+        prev = md_path.read_text() if md_path.is_file() else ""
+        if "# Training step profile" in prev:  # replace the previous profile, keep the speed table
+            prev = prev[: prev.index("# Training step profile")].rstrip() + "\n"
+        md_path.write_text((prev + "\n" if prev else "") + md)
     return 0
 
 

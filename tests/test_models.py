@@ -390,13 +390,19 @@ def test_inference_path_equals_training_path(name):
 
 @pytest.mark.parametrize("name", ["dp-conv-mfc", "dp-convic-c", "dp-vfa", "transmorph"])
 def test_autocast_bf16_keeps_geometry_in_float32(name):
-    """The engine (CUDA fp16) and the trainer (CPU bf16) run the networks under autocast.
+    """The engine and the trainer run the networks under autocast; the fields stay float32 and close to fp32.
 
     48³, not 32³: at a 2³ coarsest level oneDNN's bf16 weight gradients sporadically come back NaN on CPUs
-    without AMX (the trainer skips such a step, tested in test_train); real inputs are ≥ 5³ there.
+    without AMX (the trainer skips such a step, tested in test_train); real inputs are ≥ 5³ there (32×48×48 for
+    the DP models made the TransMorph case that follows come back NaN on an AMD EPYC). The conv
+    heads are moved off their 1e-5 init so the fields move voxels and the tolerance means something: bf16
+    keeps 8 significant bits, so through the network the field may differ by a few % of its largest value
+    (measured 4-8 % on an AMD EPYC), not by a sizeable fraction of it.
     """
     torch.manual_seed(16)
     model = build_model(name)
+    if name.startswith("dp-conv"):
+        randomise_heads(model, 2e-3)
     shape = SHAPE if name == "transmorph" else (48, 48, 48)  # TransMorph needs multiples of 32
     x, y = smooth_volume(17, shape), smooth_volume(18, shape)
     with torch.inference_mode():
@@ -404,7 +410,10 @@ def test_autocast_bf16_keeps_geometry_in_float32(name):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x, y)
     assert out.disp.dtype == torch.float32 and torch.isfinite(out.disp).all()
-    assert float((out.disp - ref).abs().max()) < 0.5
+    scale = float(ref.abs().max())
+    if name.startswith("dp-"):
+        assert scale > 1.0  # a real deformation (the untrained TransMorph moves ~1e-3 voxel)
+    assert float((out.disp - ref).abs().max()) < 0.12 * scale
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, y)
         loss = out.disp.square().mean() + (out.inverse.square().mean() if out.inverse is not None else 0)

@@ -566,3 +566,102 @@ def test_learning_rate_warmup_and_schedule_in_the_log(dataset, tmp_path):
     # step 1: warm-up 1/2 of 1e-3; step 2: epoch 0 (1e-3); step 3: epoch 1 of T_0 = 2, the cosine midpoint
     mid = 1e-5 + (1e-3 - 1e-5) * 0.5
     assert lrs == pytest.approx([0.5e-3, 1e-3, mid], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- time box
+def test_time_box_plans_the_steps_that_fit_and_stops_in_time():
+    from napari_unireg.train.loop import TIME_PLAN_STEPS, _TimeBox
+
+    box = _TimeBox(20.0, t_start=100.0, plan_steps=True)
+    box.record(105.0)  # warm-up step (5 s): not part of the estimate
+    for k in range(TIME_PLAN_STEPS - 1):
+        box.record(106.0 + k)
+        assert box.steps_that_fit(now=106.0 + k) is None  # still measuring
+    box.record(108.0)
+    assert box.step_estimate() == 1.0
+    assert box.steps_that_fit(now=108.0) == 12  # (20 - 8) s left at 1 s per step
+    assert box.steps_that_fit(now=108.0) is None  # planned once
+    assert not box.out_of_time(now=118.5, val_next=False)  # 18.5 + 1 <= 20
+    assert box.out_of_time(now=119.5, val_next=False)
+    box.val_seconds = 3.0
+    assert box.out_of_time(now=117.0, val_next=True) and not box.out_of_time(now=117.0, val_next=False)
+    assert not _TimeBox(None, 0.0, True).out_of_time(now=1e9, val_next=True)
+
+
+def _time_boxed_run(ds, out, monkeypatch, plan: bool):
+    """A run of 1000 steps boxed into 20 s of a fake clock that advances 1 s per step."""
+    from napari_unireg.train import loop
+
+    now = [0.0]
+    monkeypatch.setattr(loop, "_clock", lambda: now[0])
+
+    def on_step(step, terms):
+        now[0] += 1.0
+
+    cfg = _cfg(
+        ds,
+        ("steps", 1000),
+        ("optim.time_limit_s", 20.0),
+        ("optim.time_plan", plan),
+        ("optim.pairs_per_epoch", 1),
+        ("optim.T_0", 1000),  # unplanned, the rate would hardly move in 20 steps
+        ("optim.T_mult", 1),
+        ("log.tensorboard", False),
+    )
+    res = loop.train(cfg, out, on_step=on_step)
+    with open(out / "log.csv", newline="") as fh:
+        lrs = [float(r["lr"]) for r in csv.DictReader(fh)]
+    card = json.loads((out / "final.json").read_text())
+    assert not res.interrupted and card["training"]["steps"] == res.step == len(lrs)
+    assert (out / "final.safetensors").is_file()
+    return res, lrs
+
+
+def test_time_limited_run_plans_its_steps_and_anneals_over_them(dataset, tmp_path, monkeypatch):
+    from napari_unireg.train.loop import TIME_PLAN_STEPS
+
+    res, lrs = _time_boxed_run(dataset, tmp_path / "run", monkeypatch, plan=True)
+    # after TIME_PLAN_STEPS + 1 steps (clock 4 s) at 1 s/step, 16 more fit: 20 steps, ended by the plan
+    assert res.step == 20 and not res.time_limited
+    k0 = TIME_PLAN_STEPS + 1  # steps logged before the plan; the schedule then spans steps k0..20
+    # §9: step s runs at the schedule's position s - 2 (set after step s - 1, with the position before it)
+    expected = [1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * (s - 2) / 20)) for s in range(k0 + 1, 21)]
+    assert lrs[k0:] == pytest.approx(expected, rel=1e-4)  # one cosine period over the planned 20 steps
+
+
+def test_time_limited_run_without_a_plan_stops_at_the_limit(dataset, tmp_path, monkeypatch):
+    res, lrs = _time_boxed_run(dataset, tmp_path / "run", monkeypatch, plan=False)
+    # clock k after step k; step k + 1 (1 s) would end past 20 s once k + 1 > 20
+    assert res.step == 20 and res.time_limited and lrs[-1] > 0.9e-3
+
+
+def test_time_limit_must_be_positive(dataset, tmp_path):
+    from napari_unireg.train.loop import train
+
+    with pytest.raises(UserError, match="time_limit_s"):
+        train(_cfg(dataset, ("optim.time_limit_s", 0)), tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------------------------- precision
+def test_auto_precision_per_machine(tmp_path):
+    from napari_unireg.train import precision
+
+    info = tmp_path / "cpuinfo"
+    cases = {
+        "fpu sse avx2 avx512f amx_bf16 amx_tile avx512_bf16": "amx",
+        "fpu avx2 avx512f avx512_bf16 avx512_vnni": "avx512_bf16",  # e.g. AMD Zen 4
+        "fpu sse avx2 fma": "none",
+    }
+    for flags, kind in cases.items():
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert precision.classify_bf16(precision._cpuinfo_flags(str(info))) == kind
+        assert precision.auto_amp("cpu", cpu_support=kind) == ("none" if kind == "none" else "bf16")
+    assert precision.auto_amp("cuda", cuda_bf16=True) == "bf16"
+    assert precision.auto_amp("cuda", cuda_bf16=False) == "none"  # never fp16 unless asked for
+    cpu = torch.device("cpu")
+    assert precision.amp_dtype("none", cpu) is None and precision.amp_dtype("bf16", cpu) == torch.bfloat16
+    assert precision.amp_dtype("auto", cpu) == (None if precision.cpu_bf16_support() == "none" else torch.bfloat16)
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        precision.amp_dtype("fp16", cpu)
+    with pytest.raises(UserError, match="amp must be"):
+        precision.amp_dtype("fp8", cpu)

@@ -59,8 +59,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: epochs x pairs/epoch)")
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help="wall-clock box (s): stop cleanly, validate and export in time (optim.time_limit_s)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", default=None, choices=["none", "bf16", "fp16", "auto"], help="mixed precision")
+    p.add_argument("--amp", default=None, choices=["none", "bf16", "fp16", "auto"],
+                   help="mixed precision (auto: bf16 on CPUs with AMX/AVX-512-BF16 and bf16 GPUs, else fp32)")
     p.add_argument("--resolution", default=None, choices=["full", "half"], help="training resolution")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (0 = none)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -77,6 +80,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
         ("data.labels", args.labels),
         ("data.val_pairs", args.val_pairs),
         ("steps", args.steps),
+        ("optim.time_limit_s", args.time_limit_s),
         ("device", args.device),
         ("amp", args.amp),
         ("data.resolution", args.resolution),

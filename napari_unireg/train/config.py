@@ -132,6 +132,8 @@ class OptimConfig:
     directions: str = "auto"  # auto | bidir (two steps per pair) | single
     grad_clip: float | None = None
     warmup_steps: int = 0  # linear learning-rate warm-up (0 = none, as the paper); helps short runs
+    time_limit_s: float | None = None  # wall-clock box of one call: stop cleanly, validate, export (None = off)
+    time_plan: bool = True  # with time_limit_s: after a few timed steps, plan the steps that fit (cosine over them)
 
 
 @dataclass
@@ -173,7 +175,7 @@ class Config:
     steps: int | None = None
     seed: int = 0  # weight init and global RNGs
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "none"  # none | bf16 | fp16 | auto (bf16 on CPU, fp16 on CUDA)
+    amp: str = "none"  # none | bf16 | fp16 | auto (per machine: train.precision)
     threads: int | None = None  # torch intra-op threads (null: torch default)
     init_encoder: str | None = None  # weights (.safetensors or registry name) to start the encoder from
     init_decoder: bool = True  # with init_encoder: also copy decoder tensors whose name and shape match
@@ -203,6 +205,7 @@ RESUME_SAFE_KEYS = (
     "log.",
     "export.",
     "val.max_pairs",
+    "optim.time_limit_s",
 )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import UserError
 
-__all__ = ["DistInfo", "setup", "teardown", "barrier", "any_flag", "resolve_device", "hardware_info"]
+__all__ = ["DistInfo", "setup", "teardown", "barrier", "any_flag", "min_int", "resolve_device", "hardware_info"]
 
 
 @dataclass
@@ -113,6 +113,18 @@ def any_flag(info: DistInfo, flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def min_int(info: DistInfo, value: int | None) -> int | None:
+    """The smallest ``value`` over the ranks (None stays None; all ranks reach this call at the same step)."""
+    if not info.enabled or value is None:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def cpu_model() -> str:

@@ -26,6 +26,7 @@ from ..errors import UserError
 from . import checkpointing as ckpt
 from . import distributed as dist_utils
 from .config import RESUME_SAFE_KEYS, Config, config_diff, config_from_dict, save_config
+from .precision import amp_dtype as _amp_dtype
 from .data import PairDataset, PairPlan, TrainingSet, VolumeLoader, discover, downsample_image, make_loader
 
 __all__ = ["TrainResult", "StepPlan", "plan_steps", "train", "validate", "train_step", "LAST", "BEST"]
@@ -80,6 +81,7 @@ class TrainResult:
     interrupted: bool = False
     wall_time: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    time_limited: bool = False  # ended by optim.time_limit_s (cleanly: validated and exported)
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -108,23 +110,6 @@ def plan_steps(cfg: Config, symmetric: bool, world: int = 1) -> StepPlan:
     return StepPlan(symmetric, bidir, 2 if bidir else 1, per_step, total, val_every)
 
 
-def _amp_dtype(amp: str, device: Any):
-    import torch
-
-    amp = (amp or "none").lower()
-    if amp in ("none", "fp32", "false", "off"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cpu" else torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise UserError("amp fp16 needs CUDA; use --amp bf16 on CPU")
-        return torch.float16
-    raise UserError(f"amp must be none, bf16, fp16 or auto, not {amp!r}")
-
-
 def _apply_warmup(optimizer: Any, cfg: Config, next_step: int) -> None:
     """Scale the learning rate of the coming step by ``min(1, (next_step + 1) / warmup_steps)``.
 
@@ -138,6 +123,70 @@ def _apply_warmup(optimizer: Any, cfg: Config, next_step: int) -> None:
     elif w > 0 and next_step < w:
         for g in optimizer.param_groups:
             g["lr"] = g["lr"] * (next_step + 1) / w
+
+
+#: steps measured (after the first, which warms up) before a time-boxed run plans its length
+TIME_PLAN_STEPS = 3
+#: the clock of the time box (a module attribute, so a test can drive it)
+_clock = time.perf_counter
+
+
+class _TimeBox:
+    """``optim.time_limit_s``: when to stop, and (``optim.time_plan``) how many steps fit.
+
+    The limit counts from the start of this call of :func:`train` (setup included; a resumed run gets a fresh
+    box) and covers the steps and periodic validations; the final validation and export come after it (leave
+    room for them). A step is the wall time between two :meth:`record` calls (data, step, logging). A step is
+    not started when the mean step (+ the last periodic validation, when one falls due) would cross the limit.
+    """
+
+    def __init__(self, limit: float | None, t_start: float, plan_steps: bool) -> None:
+        self.limit = float(limit) if limit else None
+        self.t_start = self._last = t_start
+        self.pending = bool(self.limit) and plan_steps
+        self.times: list[float] = []
+        self.val_seconds = 0.0
+
+    def record(self, now: float) -> None:
+        """A step ended at ``now`` (a validation in between is not part of it: call :meth:`skip_to` after one)."""
+        self.times.append(now - self._last)
+        self._last = now
+
+    def skip_to(self, now: float) -> None:
+        self._last = now
+
+    def step_estimate(self) -> float:
+        """Mean seconds of the steps after the first (which carries the warm-up and predicts nothing; 0 until then)."""
+        timed = self.times[1:]
+        return sum(timed) / len(timed) if timed else 0.0
+
+    def steps_that_fit(self, now: float) -> int | None:
+        """After TIME_PLAN_STEPS timed steps (once): how many more steps fit in the limit."""
+        if not self.pending or len(self.times) < TIME_PLAN_STEPS + 1:
+            return None
+        self.pending = False
+        est = self.step_estimate()
+        left = self.limit - (now - self.t_start) - self.val_seconds
+        return max(1, int(left / est)) if est > 0 else None
+
+    def out_of_time(self, now: float, val_next: bool) -> bool:
+        if not self.limit:
+            return False
+        need = self.step_estimate() + (self.val_seconds if val_next else 0.0)
+        return now - self.t_start + need > self.limit
+
+
+def _replan_schedule(scheduler: Any, optimizer: Any, cfg: Config, plan: StepPlan, step: int) -> None:
+    """One cosine period from here to ``plan.total_steps`` (a time-boxed run that planned its length).
+
+    ``CosineAnnealingWarmRestarts`` checks ``T_0`` only in its constructor; its arithmetic takes a float period.
+    """
+    if scheduler is None:
+        return
+    period = plan.epoch(plan.total_steps, cfg.optim.pairs_per_epoch)
+    scheduler.T_0 = scheduler.T_i = period
+    scheduler.step(plan.epoch(step - 1, cfg.optim.pairs_per_epoch))  # §9: the position before the last step
+    _apply_warmup(optimizer, cfg, step)
 
 
 def _validate_cfg(cfg: Config) -> None:
@@ -159,6 +208,8 @@ def _validate_cfg(cfg: Config) -> None:
         raise UserError(f"data.grid_shape {cfg.data.grid_shape} must be even for half resolution")
     if not 0.0 <= cfg.synth.prob <= 1.0:
         raise UserError("synth.prob must be in [0, 1]")
+    if cfg.optim.time_limit_s is not None and cfg.optim.time_limit_s <= 0:
+        raise UserError(f"optim.time_limit_s must be positive (seconds), not {cfg.optim.time_limit_s}")
 
 
 # --------------------------------------------------------------------------------------------- one step
@@ -490,7 +541,7 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
 
     from ..models.checkpoint import save_weights
 
-    t_start = time.perf_counter()
+    t_start, t_box = time.perf_counter(), _clock()
     device = dist.device
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -631,6 +682,7 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
         if dist.is_main:
             res = validate(model, tset, cfg, device, amp_dtype)
             if res is not None:
+                tbox.val_seconds = float(res.get("seconds") or 0.0)
                 score = res.get(metric)
                 is_best = _better(metric, score, None if best is None else best.get(metric))
                 row = {
@@ -653,8 +705,10 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
         return res
 
     last_val = None
-    interrupted = False
+    interrupted = time_up = False
     ppe = cfg.optim.pairs_per_epoch
+    # a resumed run keeps the schedule its first call planned; the limit itself applies to every call
+    tbox = _TimeBox(cfg.optim.time_limit_s, t_box, cfg.optim.time_plan and state is None)
     t_iter = time.perf_counter()
     try:
         with _StopFlag() as stop_flag:
@@ -704,12 +758,31 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
                         logs.step(row, write=step % max(1, cfg.log.log_every) == 0)
                         if on_step is not None:
                             on_step(step, terms)
+                        tbox.record(_clock())
+                        fit = dist_utils.min_int(dist, tbox.steps_that_fit(_clock()))
+                        if fit is not None and step + fit < plan.total_steps:
+                            plan.total_steps = step + fit
+                            _replan_schedule(scheduler, optimizer, cfg, plan, step)
+                            if logs.bar is not None:
+                                logs.bar.total = plan.total_steps
+                            logs.write(
+                                f"time limit {cfg.optim.time_limit_s:g} s: planned {plan.total_steps} steps "
+                                f"({tbox.step_estimate():.2f} s/step)"
+                            )
                         if step % max(1, cfg.log.checkpoint_every) == 0 and step < plan.total_steps:
                             save(step)
                         if plan.val_every and step % plan.val_every == 0 and step < plan.total_steps:
                             last_val = run_validation(step)
+                            tbox.skip_to(_clock())
                         flag = stop_flag.flag or (should_stop is not None and should_stop())
-                        if dist_utils.any_flag(dist, flag) or step >= plan.total_steps:
+                        val_next = bool(plan.val_every) and (step + 1) % plan.val_every == 0
+                        time_flag = step < plan.total_steps and tbox.out_of_time(_clock(), val_next)
+                        stop_any = dist_utils.any_flag(dist, flag)
+                        if tbox.limit and not stop_any and dist_utils.any_flag(dist, time_flag):
+                            time_up = True
+                            plan.total_steps = step  # ends like a completed run: validate, export
+                            logs.write(f"time limit {cfg.optim.time_limit_s:g} s reached at step {step}")
+                        if stop_any or step >= plan.total_steps:
                             stop_now = True
                             break
                     skip = 0
@@ -757,6 +830,7 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
         interrupted,
         elapsed0 + time.perf_counter() - t_start,
         history,
+        time_limited=time_up,
     )
 
 

@@ -1,0 +1,379 @@
+"""Everything a lent GPU is for, in one call that stops itself in time (issue 12, "Ready for a GPU").
+
+    python benchmarks/pack_data.py --data ../shared/data/dataset.json --out .carry/data      # here, once
+    python benchmarks/gpu_run.py --data .carry/data --out $OUT --budget-s 540                # on the GPU machine
+    python benchmarks/gpu_run.py --dry-run --out /tmp/dry                                    # CI: CPU, tiny, < 1 min
+
+1. **check**: every DP variant (bundled weights) on the first validation pair at ``--check-grid`` (half by
+   default, so the CPU reference stays cheap): the device's field in fp32, bf16 and fp16 autocast against the
+   CPU fp32 field, max |difference| in voxels (the issue's bar for a ``register`` default: 0.05 voxel; fp16
+   only on CUDA: on a CPU it is emulated and takes minutes);
+2. **timing**: inference of every DP variant on the device at full resolution (fp32 and bf16 autocast; the issue's
+   target is < 0.1 s per pair) and one training step (phases, as ``benchmarks/training.py --profile``) of
+   dp-vfa and dp-convic-c;
+3. **training**: dp-vfa, then dp-convic-c if at least ``--min-train-s`` remain, at full resolution from the bundled
+   weights (warm restart), with synthesis and augmentation, through ``napari_unireg.train`` with
+   ``optim.time_limit_s`` so each run stops, validates and exports in time;
+4. **output** (flat, ≤ 8 files, each ≤ 16 MiB): ``report.json``, and per trained model
+   ``<model>.safetensors``, ``<model>.json`` (the card) and ``<model>-log.csv``.
+
+``--dry-run`` runs the same code on the CPU with a tiny grid (32³) and a few seconds per stage; without
+``--data`` it first writes and packs a tiny synthetic data set, so it needs nothing but the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DP = ["dp-conv-mf", "dp-conv-mfc", "dp-conv-c", "dp-convic-mf", "dp-convic-c", "dp-vfa"]
+TRAIN = ["dp-vfa", "dp-convic-c"]
+DRY_GRID = (32, 32, 32)
+
+
+class Clock:
+    """Seconds left of the call's budget."""
+
+    def __init__(self, budget: float) -> None:
+        self.t0, self.budget = time.perf_counter(), float(budget)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.budget - self.elapsed()
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def tiny_dataset(root: Path, n: int = 4, grid=DRY_GRID) -> Path:
+    """A Learn2Reg folder of ``n`` smooth synthetic brains with 3-label maps on ``grid`` (the dry run's data)."""
+    import nibabel as nib
+    import numpy as np
+
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(exist_ok=True)
+    (root / "synthseg_labels").mkdir(exist_ok=True)
+    zz = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in grid], indexing="ij"))
+    items = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        c = rng.uniform(-0.15, 0.15, size=(3, 1, 1, 1))
+        r = np.sqrt(((zz - c) ** 2 / rng.uniform(0.5, 0.8, size=(3, 1, 1, 1)) ** 2).sum(0))
+        lab = np.where(r < 0.5, 2, np.where(r < 0.9, 1, 0)).astype(np.uint8)
+        img = np.where(lab == 2, 0.97, np.where(lab == 1, 0.45, 0.0)).astype(np.float32)
+        # already in [0, 1] with a bright top, as the trainer normalises: it reads these values unchanged
+        img = np.clip(img + rng.normal(0, 0.01, grid).astype(np.float32) * (lab > 0), 0, 1)
+        name = f"DRY_{i + 1:04d}_0000.nii.gz"
+        nib.save(nib.Nifti1Image(img, np.eye(4)), root / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), root / "labelsTr" / name)
+        nib.save(nib.Nifti1Image((lab * 2).astype(np.int16), np.eye(4)), root / "synthseg_labels" / f"seg_{i}.nii.gz")
+        items.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = {"name": "DRY", "training": items, "registration_val": [{"fixed": items[0]["image"],
+                                                                      "moving": items[1]["image"]}]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root / "dataset.json"
+
+
+def _val_pair(data: Path, grid, factor: int, device):
+    """The first validation pair of the packed data set at 1/``factor`` resolution, as ``1×1×S`` tensors."""
+    import numpy as np
+    import torch
+
+    from napari_unireg.train.data import _from_dataset_json, downsample_image, load_model_grid
+
+    entries, val = _from_dataset_json(data / "dataset.json")
+    fixed, moving = val[0] if val else (entries[0].image, entries[1].image)
+    out = []
+    for p in (moving, fixed):
+        a = downsample_image(load_model_grid(p, "image", grid), factor) if factor > 1 else load_model_grid(p, "image",
+                                                                                                          grid)
+        out.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(device))
+    return out
+
+
+def _autocast(device, dtype):
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def check_fields(data: Path, grid, factor: int, device, clock: Clock, log) -> dict:
+    """Max |field(device, precision) − field(CPU, fp32)| in voxels for each DP variant (bundled weights)."""
+    import torch
+
+    from napari_unireg.models.registry import load_pretrained
+
+    cpu = torch.device("cpu")
+    mov_c, fix_c = _val_pair(data, grid, factor, cpu)
+    mov, fix = mov_c.to(device), fix_c.to(device)
+    res = {"grid": list(mov_c.shape[2:]), "pair": "first validation pair", "models": {}}
+    for name in DP:
+        row: dict = {}
+        try:
+            model, _ = load_pretrained(name, "cpu")
+            with torch.inference_mode():
+                ref = model(mov_c, fix_c).disp.float()
+            row["field_max_vox"] = float(ref.abs().max())
+            model.to(device)
+            for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+                if prec == "fp16" and device.type != "cuda":
+                    row["fp16_skipped"] = "CPU (fp16 convolutions are emulated: minutes)"
+                    continue
+                try:
+                    with torch.inference_mode(), _autocast(device, dtype):
+                        out = model(mov, fix).disp.float()
+                    _sync(device)
+                    row[f"{prec}_max_diff_vox"] = float((out.cpu() - ref).abs().max())
+                except Exception as e:  # a precision the device cannot do: record it, go on
+                    row[f"{prec}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        res["models"][name] = row
+        log(f"check {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in row.items()) + f" [{clock.elapsed():.0f} s]")
+    return res
+
+
+def time_inference(grid, device, clock: Clock, repeats: int, log) -> dict:
+    """Seconds per forward pass of each DP variant at ``grid`` on ``device`` (fp32 and bf16 autocast)."""
+    import torch
+
+    from napari_unireg.models.registry import load_pretrained
+
+    sys.path.insert(0, str(HERE))
+    from training import _pair
+
+    mov, fix = _pair(tuple(grid), device)
+    res = {"grid": list(grid), "repeats": repeats, "models": {}}
+    for name in DP:
+        row: dict = {}
+        try:
+            model, _ = load_pretrained(name, str(device))
+            for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                with torch.inference_mode(), _autocast(device, dtype):
+                    model(mov, fix)  # warm-up (kernel choice)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(repeats):
+                        model(mov, fix)
+                    _sync(device)
+                row[f"{prec}_s"] = (time.perf_counter() - t0) / repeats
+            if device.type == "cuda":
+                row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+            del model
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        res["models"][name] = row
+        log(f"inference {name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in row.items()) + f" [{clock.elapsed():.0f} s]")
+    return res
+
+
+def time_train_steps(grid, device, amp: str, steps: int, clock: Clock, log) -> dict:
+    """Phases of one training step (benchmarks/training.py's profile) of the trained models at ``grid``."""
+    sys.path.insert(0, str(HERE))
+    from training import profile_child
+
+    res = {}
+    for name in TRAIN:
+        try:
+            r = profile_child(name, tuple(grid), str(device), 0, steps, amp)
+        except Exception as e:
+            r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        res[name] = r
+        log(f"train step {name} ({amp}): " + (r.get("error") or f"{r['total_s']:.3f} s (forward {r['forward_s']:.3f}, "
+                                                 f"backward {r['backward_s']:.3f})") + f" [{clock.elapsed():.0f} s]")
+    return res
+
+
+def train_model(name: str, data: Path, grid, device, time_limit: float, work: Path, out: Path, dry: bool,
+                log) -> dict:
+    """Train ``name`` from its bundled weights for ``time_limit`` s; copy weights, card and log into ``out``."""
+    from napari_unireg.models.registry import weights_dir
+    from napari_unireg.train.config import load_config
+    from napari_unireg.train.loop import train
+
+    synth = data / "synth"
+    run = work / name
+    overrides = [
+        ("model", name),
+        ("data.source", str(data / "dataset.json")),
+        ("data.grid_shape", list(grid)),
+        ("data.resolution", "full"),
+        ("data.num_workers", 0 if dry else max(1, min(8, (os.cpu_count() or 2) - 2))),
+        ("data.seed", int(time.time()) % 100000),  # a new stretch of pairs for every lent window
+        ("device", "cpu" if dry else str(device)),
+        ("amp", "auto"),
+        ("init_encoder", str(weights_dir() / f"{name}.safetensors")),
+        ("synth.prob", 0.3),
+        ("synth.label_maps", [str(synth)] if synth.is_dir() and any(synth.iterdir()) else []),
+        ("augment.enabled", True),
+        ("optim.lr", 3e-4),
+        ("optim.warmup_steps", 2 if dry else 20),
+        ("optim.eta_min", 1e-5),
+        ("optim.time_limit_s", float(time_limit)),
+        ("optim.time_plan", True),
+        ("val.every_steps", 0),  # one validation at the end (full resolution, all pairs)
+        ("log.checkpoint_every", 10**9),
+        ("log.progress", False),
+        ("log.tensorboard", False),
+        ("export.name", name),
+        ("steps", 100000),
+    ]
+    if dry:
+        overrides += [("threads", 1)]
+    cfg = load_config(None, overrides)
+    cmd = f"python benchmarks/gpu_run.py (train {name}, time_limit_s={time_limit:.0f})"
+    t0 = time.perf_counter()
+    res = train(cfg, run, command=cmd)
+    summary = {
+        "steps": res.step,
+        "time_limited": res.time_limited,
+        "wall_s": time.perf_counter() - t0,
+        "seconds_per_step": None,
+        "val": res.last_val or res.best,
+        "files": [],
+    }
+    log_csv = run / "log.csv"
+    if log_csv.is_file():
+        import csv
+
+        with open(log_csv, newline="") as fh:
+            secs = [float(r["seconds"]) for r in csv.DictReader(fh) if r.get("seconds")]
+        if len(secs) > 1:
+            summary["seconds_per_step"] = sum(secs[1:]) / len(secs[1:])
+        shutil.copy(log_csv, out / f"{name}-log.csv")
+        summary["files"].append(f"{name}-log.csv")
+    if res.exported:
+        for p in res.exported:
+            shutil.copy(p, out / p.name)
+            summary["files"].append(p.name)
+    log(f"trained {name}: {res.step} steps, {summary['wall_s']:.0f} s, val {summary['val']}")
+    return summary
+
+
+def machine(device) -> dict:
+    import torch
+
+    from napari_unireg.train.precision import auto_amp, cpu_bf16_support
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "cpu_bf16": cpu_bf16_support(), "device": str(device), "amp_auto": auto_amp(device.type)}
+    if device.type == "cuda":
+        info.update({"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+                     "bf16_supported": bool(torch.cuda.is_bf16_supported())})
+    return info
+
+
+def main(argv=None) -> int:  # noqa: C901
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="packed data folder (benchmarks/pack_data.py); dry run: optional")
+    p.add_argument("--out", required=True, help="output folder (report.json, weights, cards, logs)")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole call (540; dry 60)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny grid, seconds per stage (CI)")
+    p.add_argument("--check-grid", choices=["half", "full"], default="half", help="grid of the CPU/device check")
+    p.add_argument("--min-train-s", type=float, default=None, help="least time worth a training run (120; dry 5)")
+    p.add_argument("--reserve-s", type=float, default=None,
+                   help="kept free after each run's steps for its validation, export and copying (40; dry 5)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["check", "timing", "train"], help="stages to skip")
+    args = p.parse_args(argv)
+    dry = args.dry_run
+    clock = Clock(args.budget_s if args.budget_s is not None else (60 if dry else 540))
+    min_train = args.min_train_s if args.min_train_s is not None else (5 if dry else 120)
+    reserve = args.reserve_s if args.reserve_s is not None else (5 if dry else 40)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        lines.append(msg)
+        print(f"[gpu_run {clock.elapsed():5.0f} s] {msg}", flush=True)
+
+    import torch
+
+    from napari_unireg.errors import UserError
+
+    if dry:
+        device = torch.device("cpu")
+        torch.set_num_threads(1)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+        torch.backends.cudnn.benchmark = True
+    else:
+        print("error: CUDA is not available here (use --dry-run on a CPU)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="gpu_run_"))
+    report: dict = {"dry_run": dry, "budget_s": clock.budget, "machine": machine(device), "stages": {}}
+    try:
+        if args.data:
+            data = Path(args.data)
+        elif dry:
+            sys.path.insert(0, str(HERE))
+            from pack_data import pack
+
+            data = work / "packed"
+            pack(tiny_dataset(work / "tiny"), data, work / "tiny" / "synthseg_labels", grid=DRY_GRID, preset=1,
+                 log=lambda m: None)
+        else:
+            print("error: --data (a folder written by benchmarks/pack_data.py) is required", file=sys.stderr)
+            return 2
+        meta_path = data / "dataset.json"
+        if not meta_path.is_file():
+            raise UserError(f"{data} holds no dataset.json (write it with benchmarks/pack_data.py)")
+        grid = tuple(json.loads(meta_path.read_text()).get("packed", {}).get("grid_shape") or (160, 224, 192))
+        report["grid"] = list(grid)
+        log(f"device {device}, grid {grid}, budget {clock.budget:.0f} s, amp auto = {report['machine']['amp_auto']}")
+        amp = "bf16" if report["machine"]["amp_auto"] == "bf16" else "fp32"
+        stages = report["stages"]
+        if "check" not in args.skip:
+            factor = 2 if (args.check_grid == "half" and not dry) else 1
+            stages["check"] = check_fields(data, grid, factor, device, clock, log)
+        if "timing" not in args.skip:
+            stages["inference"] = time_inference(grid, device, clock, 2 if dry else 5, log)
+            stages["train_step"] = time_train_steps(grid, device, amp, 1 if dry else 2, clock, log)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if "train" not in args.skip:
+            stages["train"] = {}
+            for i, name in enumerate(TRAIN):
+                left = clock.left() - reserve
+                if dry and i == 0:
+                    left = max(left, min_train)  # CI proves the training stage even on a slow, shared runner
+                if left < min_train:
+                    log(f"skipping the training of {name}: {left:.0f} s left (< {min_train:.0f} s)")
+                    break
+                # the first model gets all the time unless the second would still get its minimum
+                share = left if i == len(TRAIN) - 1 else max(min_train, left - max(min_train, 0.35 * left))
+                stages["train"][name] = train_model(name, data, grid, device, share, work, out, dry, log)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    except UserError as e:
+        report["error"] = str(e)
+        log(f"error: {e}")
+    finally:
+        report["wall_s"] = clock.elapsed()
+        report["log"] = lines
+        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"done in {clock.elapsed():.0f} s; wrote {sorted(p.name for p in out.iterdir())}")
+    return 1 if "error" in report else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
