@@ -41,11 +41,13 @@ MISSING_MESSAGE = "brain extraction needs deepbet: pip install 'napari-unireg[sk
 # (imagesTr); the ICBM head has 4.5 l, a head cropped at the chin still well over 3 l.
 MAX_BRAIN_ML = 3000.0
 MIN_BRAIN_ML = 300.0  # a mask smaller than this (a newborn's brain is ~400 ml) is a failed extraction
-MIN_CONSTANT_BACKGROUND = 0.05  # fraction of voxels at exactly the minimum value: a masked image has far more
-MIN_ZERO_SHELL = 0.9  # fraction of the 2-6 mm shell around the foreground at exactly the background value
+MIN_BACKGROUND = 0.05  # fraction of voxels at the background value: any masked image has far more (≥ 45 %)
+MIN_ZERO_SHELL = 0.9  # fraction of the ~2-6 mm shell around the foreground at the background value
 MAX_HEAD_COVERAGE = 0.9  # a brain mask covering more of a head's foreground than this has kept the scalp
 DETECT_SPACING_MM = 2.0  # the detector works on a ~2 mm subsampled grid (fast, and enough for volumes in ml)
-HEAD_THRESHOLD = 0.1  # foreground of a noisy head: above 10 % of the robust range (air noise of T1 is lower)
+# Intensities relative to the image's bright end (99.5th percentile above the background value):
+BACKGROUND_TOL = 0.01  # "at the background value": exact zeros, and the faint ringing of a spline-resampled brain
+OBJECT_THRESHOLD = 0.1  # the object (head or brain): air noise of a T1 head stays below this
 
 
 # --------------------------------------------------------------------------------------------- detection
@@ -59,7 +61,7 @@ def _subsample(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nda
     """Every n-th voxel along each axis so the spacing is about DETECT_SPACING_MM; returns (array, spacing mm)."""
     spacing = _spacing(affine)
     step = np.maximum(1, np.round(DETECT_SPACING_MM / spacing)).astype(int)
-    return np.asarray(data)[:: step[0], :: step[1], :: step[2]], spacing * step
+    return np.asarray(data, dtype=np.float32)[:: step[0], :: step[1], :: step[2]], spacing * step
 
 
 def _largest_filled(mask: np.ndarray) -> np.ndarray:
@@ -74,60 +76,62 @@ def _largest_filled(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(labels == int(sizes.argmax()))
 
 
-def _foreground(x: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Object mask of a (subsampled) image: (mask, background value, fraction of voxels at the minimum).
+class _Layout(NamedTuple):
+    """A (subsampled) image split into background and object."""
 
-    With a constant background (a masked image: at least MIN_CONSTANT_BACKGROUND of the voxels at exactly the
-    minimum) the foreground is everything above it; otherwise (noise around a head) everything above
-    HEAD_THRESHOLD of the 0.5-99.5 percentile range. Largest component, cavities filled.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    lo = float(x.min())
-    at_min = float(np.count_nonzero(x == lo)) / x.size
-    if at_min >= MIN_CONSTANT_BACKGROUND:
-        fg = x > lo
-    else:
-        p_lo, p_hi = np.percentile(x, [0.5, 99.5])
-        fg = x > p_lo + HEAD_THRESHOLD * (p_hi - p_lo)
-    return _largest_filled(fg), lo, at_min
+    near_background: np.ndarray  # bool: within BACKGROUND_TOL of the background value
+    object: np.ndarray  # bool: largest component above OBJECT_THRESHOLD, cavities filled
+
+
+def _layout(x: np.ndarray) -> _Layout:
+    """Background value = the median of the array's outer faces (0 for a masked image, the air for a head)."""
+    faces = np.concatenate([x[[0, -1]].ravel(), x[:, [0, -1]].ravel(), x[:, :, [0, -1]].ravel()])
+    bg = float(np.median(faces))
+    bright = float(np.percentile(np.abs(x - bg), 99.5))
+    if not bright > 0:
+        return _Layout(np.ones(x.shape, bool), np.zeros(x.shape, bool))
+    dev = np.abs(x - bg)
+    return _Layout(dev <= BACKGROUND_TOL * bright, _largest_filled(dev > OBJECT_THRESHOLD * bright))
 
 
 def _head_foreground_ml(data: np.ndarray, affine: np.ndarray) -> float:
     x, spacing = _subsample(data, affine)
-    fg, _, _ = _foreground(x)
-    return float(np.count_nonzero(fg)) * float(np.prod(spacing)) / 1000.0
+    return float(np.count_nonzero(_layout(x).object)) * float(np.prod(spacing)) / 1000.0
 
 
 def looks_brain_extracted(data: np.ndarray, affine: np.ndarray) -> tuple[bool, str]:
     """Whether an image is already brain-extracted, with the reason in words.
 
     ``data``: ``X×Y×Z`` image (any numeric dtype, any intensity range), ``affine``: voxel -> mm. A brain-extracted
-    image is a brain-sized object (≤ MAX_BRAIN_ML, about 140×170×120 mm) surrounded by an exactly constant
-    background (zero after masking); a head has noise around it, or, when its background was zeroed, a head-sized
-    foreground (scalp, skull, face and neck: > 3 l). Works on a ~2 mm subsampled copy (well under a second).
+    image is a brain-sized object (≤ MAX_BRAIN_ML, about 140×170×120 mm) surrounded by a constant background
+    (zero after masking, give or take the faint ringing of a spline resampling); a head has noise around it, or,
+    when its background was zeroed, a head-sized object (scalp, skull, face and neck: > 3 l). Works on a ~2 mm
+    subsampled copy (well under a second).
     """
     x, spacing = _subsample(data, affine)
-    fg, lo, at_min = _foreground(x)
-    n = int(np.count_nonzero(fg))
+    near_bg, obj = _layout(x)
+    n = int(np.count_nonzero(obj))
     if n == 0:
         return False, "no foreground"
+    at_bg = float(np.count_nonzero(near_bg)) / x.size
     ml = n * float(np.prod(spacing)) / 1000.0
-    idx = np.nonzero(fg)
+    idx = np.nonzero(obj)
     extent = [(int(i.max()) - int(i.min()) + 1) * s for i, s in zip(idx, spacing)]
     size = f"{ml:.0f} ml, {extent[0]:.0f}×{extent[1]:.0f}×{extent[2]:.0f} mm"
-    if at_min < MIN_CONSTANT_BACKGROUND:
-        return False, f"noisy background (only {100 * at_min:.1f} % of voxels at the minimum), foreground {size}"
+    if at_bg < MIN_BACKGROUND:
+        return False, f"no background ({100 * at_bg:.1f} % of voxels at the background value), foreground {size}"
     if ml > MAX_BRAIN_ML:
         return False, f"foreground of {size}: head-sized (> {MAX_BRAIN_ML:.0f} ml)"
     from scipy import ndimage
 
-    step = max(1, int(round(2.0 / float(spacing.min()))))  # shell from ~2 mm to ~6 mm outside the foreground
-    inner = ndimage.binary_dilation(fg, iterations=step)
+    step = max(1, int(round(2.0 / float(spacing.min()))))  # shell from ~2 mm to ~6 mm outside the object
+    inner = ndimage.binary_dilation(obj, iterations=step)
     shell = ndimage.binary_dilation(inner, iterations=2 * step) & ~inner
-    zero_shell = float(np.mean(x[shell] == lo)) if shell.any() else 1.0
+    zero_shell = float(np.mean(near_bg[shell])) if shell.any() else 1.0
     if zero_shell < MIN_ZERO_SHELL:
-        return False, f"foreground of {size}, only {100 * zero_shell:.0f} % of its surroundings at the background value"
-    return True, f"brain-sized foreground ({size}) on a constant background ({100 * at_min:.0f} % of voxels)"
+        return False, (f"foreground of {size}, only {100 * zero_shell:.0f} % of its surroundings at the background "
+                       "value (noise or scalp around it)")
+    return True, f"brain-sized foreground ({size}) on a constant background ({100 * at_bg:.0f} % of voxels)"
 
 
 # --------------------------------------------------------------------------------------------- extraction

@@ -84,13 +84,18 @@ def fake_deepbet(monkeypatch):
 
 def test_detector_on_synthetic_heads_and_brains():
     done, reason = looks_brain_extracted(phantom_head(noise=True), AFFINE)
-    assert not done and "noisy background" in reason
+    assert not done and "head-sized" in reason
     done, reason = looks_brain_extracted(phantom_head(noise=False), AFFINE)  # zeroed background, head-sized
     assert not done and "head-sized" in reason
+    done, reason = looks_brain_extracted(phantom_head(noise=True, scale=0.9), AFFINE)  # a small head (2.9 l)
+    assert not done and "surroundings" in reason
     done, reason = looks_brain_extracted(phantom_brain(), AFFINE)
     assert done and "brain-sized" in reason
-    noisy_brain = phantom_brain() + np.abs(np.random.default_rng(3).normal(0, 0.02, SHAPE)).astype(np.float32)
-    assert not looks_brain_extracted(noisy_brain, AFFINE)[0]
+    noisy_brain = phantom_brain() + np.abs(np.random.default_rng(3).normal(0, 0.03, SHAPE)).astype(np.float32)
+    done, reason = looks_brain_extracted(noisy_brain, AFFINE)
+    assert not done and "surroundings" in reason
+    done, reason = looks_brain_extracted(np.random.default_rng(4).random(SHAPE) + 0.5, AFFINE)
+    assert not done and "no background" in reason
 
 
 def test_detector_sees_skull_left_around_a_brain():
@@ -111,7 +116,10 @@ def test_detector_uses_millimetres_not_voxels():
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_detector_on_real_files(shared_data):
+    from scipy import ndimage
+
     from napari_unireg.io import load_volume
 
     t = shared_data / "templates"
@@ -122,6 +130,14 @@ def test_detector_on_real_files(shared_data):
     zeroed = np.where(head.data > 0.05 * head.data.max(), head.data, 0)
     done, reason = looks_brain_extracted(zeroed, head.affine)
     assert not done and "head-sized" in reason
+    raw = np.round(head.data * 40).astype(np.int16) - 1024  # scanner-like int16 with an offset
+    assert not looks_brain_extracted(raw, head.affine)[0]
+    bet = load_volume(t / "icbm2009c_sym_t1bet.nii.gz", kind="image")
+    # A brain resampled with cubic splines (ANTs/FSL style) rings around its edge: still brain-extracted.
+    ringing = ndimage.shift(bet.data, (0.4, 0.3, 0.6), order=3)
+    assert ringing.min() < 0 and np.count_nonzero(ringing == 0) < 0.2 * ringing.size  # really no exact zeros
+    done, reason = looks_brain_extracted(ringing, bet.affine)
+    assert done, reason
     stripped = [t / "icbm2009c_sym_t1bet.nii.gz", t / "mni152_2009a_sym_brain_box.nii.gz"]
     stripped += sorted((shared_data / "native").glob("*_brain.nii.gz"))[:3]  # FreeSurfer brainmask, LIA, uint8
     stripped += sorted((shared_data / "imagesTr").glob("*.nii.gz"))  # MNI-scaled brains up to 2.45 l
@@ -163,7 +179,12 @@ def test_stage_auto_extracts_the_head_and_keeps_the_brain(fake_deepbet):
     head_data, brain_data = phantom_head(), phantom_brain(seed=5)
     fixed, moving = vol(head_data, "head"), vol(brain_data, "brain")
     res = skull_strip_stage(fixed, moving, "auto", "cpu")
-    assert res.messages[0].startswith("fixed: skull found (noisy background") and "→ brain extracted" in res.messages[0]
+    import re
+
+    assert res.messages[0].startswith("fixed: skull found (foreground of ") and "head-sized" in res.messages[0]
+    head_ml = float(re.search(r"foreground of (\d+) ml", res.messages[0]).group(1))
+    assert head_ml == pytest.approx(4 / 3 * np.pi * 90 * 110 * 95 / 1000, rel=0.03)  # the scalp ellipsoid
+    assert res.messages[0].endswith(f"→ brain extracted ({BRAIN.sum() * VOXEL_MM**3 / 1000:.0f} ml)")
     assert res.messages[1].startswith("moving: already brain-extracted (brain-sized")
     assert len(fake_deepbet["calls"]) == 1  # deepbet ran on the head only
     assert res.fixed_mask.is_label and res.fixed_mask.data.dtype == np.uint8
