@@ -173,10 +173,10 @@ def _run_deepbet(data: np.ndarray, affine: np.ndarray, device: str) -> np.ndarra
     x = np.ascontiguousarray(data, dtype=np.float32)
     try:
         _brain, mask_img, _tiv = bet.run(nib.Nifti1Image(x, np.asarray(affine, dtype=np.float64)))
-    except AssertionError as exc:  # deepbet asserts when its bounding-box model finds nothing
-        raise UserError(f"deepbet found no head to extract a brain from ({' '.join(str(exc).split())})") from None
-    except ValueError as exc:  # keep_largest_connected_component on an empty mask: argmax of an empty bincount
-        raise UserError(f"deepbet found no brain ({' '.join(str(exc).split())})") from None
+    except AssertionError:  # deepbet asserts when its bounding-box model finds nothing
+        raise UserError("no brain found (deepbet found no head to put a bounding box on)") from None
+    except ValueError:  # keep_largest_connected_component of an empty mask: argmax of an empty bincount
+        raise UserError("no brain found (deepbet's mask is empty)") from None
     return np.asarray(mask_img.dataobj) > 0
 
 

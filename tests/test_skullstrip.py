@@ -286,7 +286,45 @@ def test_warp_with_field_pulls_through_world_coordinates():
     assert np.all(out[:2] == 0) and np.all(out[:, -1] == 0)
 
 
+@pytest.mark.slow
+def test_warp_with_field_reproduces_the_engines_warped_image():
+    """The full head pulled through a run's ``disp_native`` (pre-alignment folded in) lands like the brain did."""
+    try:  # the engine moves to napari_unireg.pipeline in session 4's new layout
+        from napari_unireg.pipeline import RegisterOptions, register_volumes
+    except ImportError:
+        from napari_unireg.engine import RegisterOptions, register_volumes
+
+    from scipy import ndimage
+
+    one_mm = np.eye(4)  # the engine works at 1 mm: keep the phantom's voxels small so the run stays tiny
+    fixed = volume_from_array(phantom_brain(), one_mm, kind="image", name="fixed")
+    shifted = one_mm.copy()
+    shifted[:3, 3] = [1.5, -2.0, 1.0]  # the moving image on its own grid, offset in the world
+    moving_head = volume_from_array(phantom_head(seed=2), shifted, kind="image", name="head")
+    moving = moving_head.with_data(np.where(BRAIN, moving_head.data, 0))
+    res = register_volumes(fixed, moving, options=RegisterOptions(model="classical", prealign="affine",
+                                                                   grid_shape=(32, 48, 48), device="cpu"))
+    np.testing.assert_allclose(warp_with_field(moving, fixed, res.disp_native), res.warped, atol=1e-5)
+    head = warp_with_field(moving_head, fixed, res.disp_native)
+    # Where all 8 interpolation corners are brain (moving brain eroded by one voxel, pulled nearest), the head
+    # and the brain give the same values; elsewhere the head brings its skull and scalp along.
+    core = moving.with_data(ndimage.binary_erosion(BRAIN, np.ones((3, 3, 3))).astype(np.uint8), is_label=True)
+    inside = warp_with_field(core, fixed, res.disp_native, order=0) > 0
+    assert inside.sum() > 1000
+    np.testing.assert_allclose(head[inside], res.warped[inside], atol=1e-5)
+    inside = res.warped > 0
+    assert head[~inside].max() > 0.5  # ... and the scalp around it
+
+
 # --------------------------------------------------------------------------------------------- real deepbet
+
+
+@pytest.mark.slow
+def test_deepbet_on_a_volume_without_a_head_says_no_brain():
+    pytest.importorskip("deepbet")
+    cube = np.pad(np.ones((4, 4, 4), np.float32), 30)  # a 12 mm cube in a 200 mm field of view
+    with pytest.raises(UserError, match=r"^cube: no brain found \(deepbet"):
+        extract_brain(cube, np.diag([3.0, 3.0, 3.0, 1.0]), name="cube")
 
 
 @pytest.mark.data
