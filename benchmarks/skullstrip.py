@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--magnitude", type=float, default=3.0, help="RMS of the known field in mm (default 3)")
     ap.add_argument("--sigma", type=float, default=12.0, help="smoothness of the known field in mm (default 12)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prealign", default="none", choices=["none", "affine"])
     ap.add_argument("--runs", nargs="+", default=["stripped", "auto", "off"], choices=["stripped", "auto", "off"])
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args(argv)
@@ -79,9 +80,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
-    from napari_unireg.engine import RegisterOptions, register_volumes
+    try:  # session 4's new layout; the fallback is the old one
+        from napari_unireg.core.metrics import dice_mean
+        from napari_unireg.pipeline import RegisterOptions, register_volumes
+    except ImportError:
+        from napari_unireg.engine import RegisterOptions, register_volumes
+        from napari_unireg.metrics import dice_mean
     from napari_unireg.io import load_volume
-    from napari_unireg.metrics import dice_mean
     from napari_unireg.skullstrip import skull_strip_stage
 
     tdir = DATA / "templates"
@@ -102,7 +107,7 @@ def main(argv=None) -> int:
           f" max {brain_u.max():.2f} mm; CerebrA Dice before registration "
           f"{dice_mean(fixed_labels.data, labels.data):.3f}")
 
-    options = RegisterOptions(model=args.model, device=args.device, prealign="none")
+    options = RegisterOptions(model=args.model, device=args.device, prealign=args.prealign)
     rows = []
     for run in args.runs:
         t0 = time.perf_counter()
