@@ -3,7 +3,8 @@
 The pair: the ICBM 2009c head with skull (``templates/icbm2009c_sym_t1.nii.gz`` of the development data) and a
 copy deformed by a known smooth random field ``u`` (pull, voxel units): fixed(p) = head(p + u(p)), moving = head,
 so a perfect registration returns ``u`` itself. The template's own brain mask and CerebrA labels are deformed
-the same way (nearest) for the truth on the fixed grid. Three registrations with the engine (``--prealign none`` unless asked):
+the same way (nearest) for the truth on the fixed grid. Three registrations with the engine (``--prealign``,
+default ``none``):
 
 * ``stripped``: the template's own brain-extracted image (``icbm2009c_sym_t1bet``), deformed likewise: the
   reference (what a user with skull-stripped inputs gets);
