@@ -67,8 +67,8 @@ def test_register_runs_and_adds_layers(pair_viewer, fast_engine, qtbot):
     viewer = pair_viewer
     before = {lay.name: np.array(lay.data, copy=True) for lay in viewer.layers}
     w = _register_widget(viewer)
-    assert w.cmb_fixed.currentText() == "fixed" and w.cmb_moving.currentText() == "moving"
-    assert w.cmb_fixed_seg.currentText() == "fixed labels" and w.cmb_moving_seg.currentText() == "moving labels"
+    assert [lay.name for lay in w.inputs()] == ["fixed", "moving", "fixed labels", "moving labels"]
+    assert w.btn_run.isEnabled() and not w.lbl_reason.text()
     assert w.cmb_device.count() >= 1 and w.cmb_device.itemData(w.cmb_device.count() - 1) == "cpu"
     outcomes = []
     w.finished.connect(lambda status, payload: outcomes.append((status, payload)))
@@ -79,8 +79,9 @@ def test_register_runs_and_adds_layers(pair_viewer, fast_engine, qtbot):
     assert outcomes and outcomes[0][0] == "ok", outcomes
     run = outcomes[0][1]
     names = [lay.name for lay in viewer.layers]
-    for kind in ("warped", "warped labels", "jacobian"):
-        assert f"{kind} [moving→fixed, classical]" in names
+    # all overlays right after Run, no trip to Inspect: warped, grid, Jacobian + folding, contours (+ warped labels)
+    for kind in ("warped", "warped labels", "jacobian", "folding J≤0", "grid", "contours fixed", "contours warped"):
+        assert f"{kind} [moving→fixed, classical]" in names, kind
     warped = viewer.layers["warped [moving→fixed, classical]"]
     assert warped.data.shape == TINY
     np.testing.assert_allclose(warped.affine.affine_matrix, viewer.layers["fixed"].affine.affine_matrix)
@@ -352,3 +353,61 @@ def test_open_sample_demo_pair(make_napari_viewer):
     assert names == ["demo fixed", "demo moving", "demo fixed labels", "demo moving labels"]
     assert viewer.layers["demo fixed labels"].metadata["label_names"]
     np.testing.assert_allclose(np.diag(viewer.layers["demo fixed"].affine.affine_matrix)[:3], 1.0)
+
+
+def test_register_pickers_follow_layers_and_explain_a_disabled_run(make_napari_viewer, qtbot):
+    """The pickers are magicgui layer widgets: they follow layers being added, renamed and removed, never guess
+    the same image twice, pair label maps with their image, and Run says why it is disabled."""
+    from napari_unireg._napari.register_widget import RegisterWidget
+
+    viewer = make_napari_viewer()
+    w = RegisterWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Register")
+    assert not w.btn_run.isEnabled() and "Open two" in w.lbl_reason.text()
+    A = np.eye(4)
+    f, m = _blob(TINY, 0), _blob(TINY, 1)
+    # the order File > Open Sample adds them in, after the widget is docked
+    fixed = viewer.add_image(f, name="demo fixed", affine=A)
+    assert not w.btn_run.isEnabled() and "Open two" in w.lbl_reason.text()
+    moving = viewer.add_image(m, name="demo moving", affine=A)
+    fl = viewer.add_labels((f > 0.5).astype(np.uint8), name="demo fixed labels", affine=A)
+    ml = viewer.add_labels((m > 0.5).astype(np.uint8), name="demo moving labels", affine=A)
+    assert w.inputs() == (fixed, moving, fl, ml)
+    assert w.btn_run.isEnabled() and w.lbl_reason.text() == ""
+    # renaming keeps the pick, and the picker shows the new name
+    moving.name = "subject T1"
+    assert w.inputs()[1] is moving and w.image_pickers["moving"].current_choice == "subject T1"
+    # the user picks the same image twice: Run is disabled with the reason
+    w.image_pickers["moving"].value = fixed
+    assert not w.btn_run.isEnabled() and "same layer" in w.lbl_reason.text()
+    w.image_pickers["moving"].value = moving
+    assert w.btn_run.isEnabled()
+    # a label map on another grid
+    other = viewer.add_labels(np.zeros((8, 8, 8), np.uint8), name="other seg", affine=A)
+    w.label_pickers["fixed"].value = other
+    assert not w.btn_run.isEnabled() and "not on the grid" in w.lbl_reason.text()
+    w.label_pickers["fixed"].value = None  # "(none)" is allowed
+    assert w.btn_run.isEnabled()
+    # a shifted label map on the same shape is not on the grid either
+    shifted = viewer.add_labels((f > 0.5).astype(np.uint8), name="shifted seg", translate=(3, 0, 0))
+    w.label_pickers["fixed"].value = shifted
+    assert not w.btn_run.isEnabled() and "voxel-to-world" in w.lbl_reason.text()
+    # picking another image brings its label map along
+    w.image_pickers["fixed"].value = moving
+    w.image_pickers["moving"].value = fixed
+    assert w.inputs()[2] is ml and w.inputs()[3] is fl and w.btn_run.isEnabled()
+    # a removed layer leaves its picker; with one image left, Run asks for a second one
+    viewer.layers.remove(fixed)
+    assert w.inputs()[0] is moving and w.inputs()[1] is moving
+    assert not w.btn_run.isEnabled() and "Open two" in w.lbl_reason.text()
+
+
+def test_register_pickers_without_names_take_the_two_newest(make_napari_viewer, qtbot):
+    from napari_unireg._napari.register_widget import RegisterWidget
+
+    viewer = make_napari_viewer()
+    for i, name in enumerate(("a", "b", "c")):
+        viewer.add_image(_blob(TINY, i), name=name)
+    viewer.add_labels(np.zeros(TINY, np.uint8), name="b seg")
+    w = RegisterWidget(viewer)
+    assert [x.name if x is not None else None for x in w.inputs()] == ["b", "c", "b seg", None]

@@ -34,6 +34,24 @@ def _image(run: Run, kind: str, data: np.ndarray, **kw: Any) -> LayerTuple:
     return data, {"name": run.layer_name(kind), "affine": run.affine, "metadata": meta, **kw}, "image"
 
 
+#: Deformation grid of the first display: the paper's 8-voxel spacing, 1-voxel lines.
+GRID_SPACING, GRID_WIDTH = 8, 1
+#: Opacity of the Jacobian map: semi-transparent, so the anatomy shows through when it is switched on.
+JACOBIAN_OPACITY = 0.6
+
+
+def precompute(result: Any, grid_spacing: int = GRID_SPACING, grid_width: int = GRID_WIDTH) -> dict[str, Any]:
+    """The costly parts of the first display's layers, for the worker thread (seconds for a 1 mm brain): the
+    three backward-warped grids, the folding mask and the warped image's display range. :func:`build` takes
+    them from ``run.prebuilt`` when the parameters match."""
+    return {
+        "grid": {"spacing": grid_spacing, "width": grid_width,
+                 "per_axis": L.warped_grids(result.disp_native, grid_spacing, grid_width)},
+        "folding": L.folding_mask(result.jacobian),
+        "warped_range": L.display_range(result.warped),
+    }
+
+
 def available_kinds(run: Run) -> list[str]:
     """Kinds this run can show (label layers need label maps)."""
     from .runs import KINDS
@@ -49,11 +67,14 @@ def available_kinds(run: Run) -> list[str]:
     return out
 
 
-def build(run: Run, kind: str, *, grid_spacing: int = 8, grid_width: int = 1, tile: int = 16) -> list[LayerTuple]:
+def build(
+    run: Run, kind: str, *, grid_spacing: int = GRID_SPACING, grid_width: int = GRID_WIDTH, tile: int = 16
+) -> list[LayerTuple]:
     """The layer tuples of one result kind (``contours`` gives two: fixed and warped)."""
     res = run.result
+    pre = run.prebuilt or {}
     if kind == "warped":
-        lo, hi = L.display_range(res.warped)
+        lo, hi = pre.get("warped_range") or L.display_range(res.warped)
         meta = _meta(run, kind, displacement=_disp_meta(run))
         return [_image(run, kind, res.warped, colormap="gray", contrast_limits=(lo, hi), metadata=meta)]
     if kind == "warped labels":
@@ -70,7 +91,11 @@ def build(run: Run, kind: str, *, grid_spacing: int = 8, grid_width: int = 1, ti
         diff = L.difference(res.warped, run.fixed)
         return [_image(run, kind, diff, colormap="coolwarm", contrast_limits=L.DIFFERENCE_RANGE)]
     if kind == "grid":
-        grids = L.warped_grids(res.disp_native, grid_spacing, grid_width)
+        cached = pre.get("grid") or {}
+        if (cached.get("spacing"), cached.get("width")) == (grid_spacing, grid_width):
+            grids = cached["per_axis"]
+        else:
+            grids = L.warped_grids(res.disp_native, grid_spacing, grid_width)
         meta = _meta(run, kind, per_axis=grids, spacing=grid_spacing, width=grid_width)
         # the axial grid first; show.update_grids swaps in the one across the displayed slicing axis.
         # Dark lines over whatever is below (gray_r + minimum blending: 0 -> white, no change; 255 -> black): anatomy
@@ -83,9 +108,11 @@ def build(run: Run, kind: str, *, grid_spacing: int = 8, grid_width: int = 1, ti
         ]
     if kind == "jacobian":
         jac = np.asarray(res.jacobian, dtype=np.float32)
-        return [_image(run, kind, jac, colormap="bwr", contrast_limits=L.JACOBIAN_RANGE)]
+        return [
+            _image(run, kind, jac, colormap="bwr", contrast_limits=L.JACOBIAN_RANGE, opacity=JACOBIAN_OPACITY)
+        ]
     if kind == "folding":
-        mask = L.folding_mask(res.jacobian)
+        mask = pre["folding"] if "folding" in pre else L.folding_mask(res.jacobian)
         return [
             (
                 mask,

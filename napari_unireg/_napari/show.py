@@ -23,8 +23,10 @@ def layers_of(viewer: Any, run: Run, kind: str | None = None) -> list[Any]:
     return out
 
 
-def add_kind(viewer: Any, run: Run, kind: str, **params: Any) -> list[Any]:
+def add_kind(viewer: Any, run: Run, kind: str, visible: bool | None = None, **params: Any) -> list[Any]:
     """Build and add the layers of one kind (replacing any previous ones of that kind); returns them.
+
+    ``visible`` given: the layers are created shown or hidden (no flash of a layer that is hidden at once).
 
     Result layers get the fixed file's geometry (``metadata['nifti']``) so that saving one writes it like the
     fixed image (its voxel order and header).
@@ -34,6 +36,8 @@ def add_kind(viewer: Any, run: Run, kind: str, **params: Any) -> list[Any]:
     for data, kwargs, ltype in results.build(run, kind, **params):
         if run.nifti is not None:
             kwargs["metadata"] = {**kwargs.get("metadata", {}), NIFTI_KEY: run.nifti}
+        if visible is not None:
+            kwargs["visible"] = bool(visible)
         post = {k: kwargs.pop(k) for k in POST_ATTRS if k in kwargs}  # not constructor arguments
         layer = getattr(viewer, f"add_{ltype}")(data, **kwargs)
         for k, v in post.items():
