@@ -86,7 +86,7 @@ def _save(img: np.ndarray, name: str) -> None:
         )
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def convention():
     """Restore the plugin-wide left-right setting after a test."""
     from napari_unireg._napari import anatomical

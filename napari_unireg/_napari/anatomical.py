@@ -24,6 +24,8 @@ CONVENTION_ENV = "UNIREG_CONVENTION"
 #: metadata key the reader and the sample data put on layers whose world is RAS mm (see convert.NIFTI_KEY)
 RAS_WORLD_KEY = "nifti"
 
+#: names of the RAS world axes on napari's sliders (millimetres, x to the right, y anterior, z superior)
+AXIS_LABELS = ("x", "y", "z")
 #: colour of the canvas label: the side labels' yellow of the linked views (no blue: tests tell it from anatomy)
 LABEL_COLOR = (1.0, 0.83, 0.0, 1.0)
 
@@ -138,6 +140,8 @@ def show_plane(viewer: Any, axis: int = 2, radiological_: bool | None = None) ->
     lay = plane_layout(axis, radiological() if radiological_ is None else radiological_)
     viewer.dims.ndisplay = 2
     viewer.dims.order = lay.order
+    if all(str(a).lstrip("-").isdigit() for a in viewer.dims.axis_labels):
+        viewer.dims.axis_labels = AXIS_LABELS  # the slider says "z", not napari's "-1"
     camera_of(viewer).orientation2d = lay.orientation2d
     viewer.reset_view()
     _watch(viewer)

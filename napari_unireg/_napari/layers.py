@@ -16,6 +16,7 @@ __all__ = [
     "grid_volume",
     "warp_array",
     "warped_grids",
+    "label_outlines",
     "checkerboard",
     "difference",
     "displacement_mm",
@@ -108,6 +109,26 @@ def warped_grids(disp: np.ndarray, spacing: int = 8, width: int = 1) -> list[np.
     grids = np.stack([grid_volume(shape, spacing, width, plane_axis=a) for a in range(3)])
     warped = warp_array(grids, disp)
     return [np.clip(np.rint(w * 255.0), 0, 255).astype(np.uint8) for w in warped]
+
+
+def label_outlines(labels: np.ndarray) -> list[np.ndarray]:
+    """One-voxel outlines of every label boundary, one volume per slicing axis (sagittal, coronal, axial), uint8.
+
+    In the volume for ``plane_axis`` a voxel is 1 when its label differs from the next voxel's along one of the
+    two in-plane axes: each boundary seen in a slice across ``plane_axis`` is drawn once, one voxel thick (napari's
+    own contours draw both sides of a boundary between two labels, two voxels thick, which buries the anatomy),
+    and boundaries parallel to the slice fill nothing.
+    """
+    lab = np.asarray(labels)
+    diff = []
+    for ax in range(3):
+        d = np.zeros(lab.shape, bool)
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[ax], b[ax] = slice(0, -1), slice(1, None)
+        d[tuple(a)] = lab[tuple(a)] != lab[tuple(b)]
+        diff.append(d)
+    return [(diff[(p + 1) % 3] | diff[(p + 2) % 3]).astype(np.uint8) for p in range(3)]
 
 
 def checkerboard(a: np.ndarray, b: np.ndarray, tile: int = 16) -> np.ndarray:

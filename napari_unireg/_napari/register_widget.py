@@ -647,7 +647,7 @@ def _register_job(inputs: list, options: RegisterOptions, progress: Any, should_
         from .results import precompute
 
         progress("write", 0.0)
-        prebuilt = precompute(result)
+        prebuilt = precompute(result, None if fseg is None else fseg.data)
         progress("write", 1.0)
         return "ok", (result, fixed, fseg, moving, mseg, prebuilt)
     except Cancelled:

@@ -36,20 +36,30 @@ def _image(run: Run, kind: str, data: np.ndarray, **kw: Any) -> LayerTuple:
 
 #: Deformation grid of the first display: the paper's 8-voxel spacing, 1-voxel lines.
 GRID_SPACING, GRID_WIDTH = 8, 1
+#: Grid lines at 255 shown as this fraction of black (gray_r over 0..255/GRID_DARKNESS): dark enough to follow,
+#: light enough to read the anatomy under them.
+GRID_DARKNESS = 0.6
+#: Opacity of the label outlines drawn over the anatomy.
+CONTOUR_OPACITY = 0.8
 #: Opacity of the Jacobian map: semi-transparent, so the anatomy shows through when it is switched on.
 JACOBIAN_OPACITY = 0.6
 
 
-def precompute(result: Any, grid_spacing: int = GRID_SPACING, grid_width: int = GRID_WIDTH) -> dict[str, Any]:
+def precompute(
+    result: Any, fixed_seg: np.ndarray | None = None, grid_spacing: int = GRID_SPACING, grid_width: int = GRID_WIDTH
+) -> dict[str, Any]:
     """The costly parts of the first display's layers, for the worker thread (seconds for a 1 mm brain): the
-    three backward-warped grids, the folding mask and the warped image's display range. :func:`build` takes
-    them from ``run.prebuilt`` when the parameters match."""
-    return {
+    three backward-warped grids, the folding mask, the warped image's display range and the label outlines.
+    :func:`build` takes them from ``run.prebuilt`` (when the grid parameters match)."""
+    out: dict[str, Any] = {
         "grid": {"spacing": grid_spacing, "width": grid_width,
                  "per_axis": L.warped_grids(result.disp_native, grid_spacing, grid_width)},
         "folding": L.folding_mask(result.jacobian),
         "warped_range": L.display_range(result.warped),
     }
+    if fixed_seg is not None and result.warped_seg is not None:
+        out["outlines"] = {"fixed": L.label_outlines(fixed_seg), "warped": L.label_outlines(result.warped_seg)}
+    return out
 
 
 def available_kinds(run: Run) -> list[str]:
@@ -102,7 +112,7 @@ def build(
         # stays readable, unlike white additive lines on a bright brain.
         return [
             _image(
-                run, kind, grids[2], colormap="gray_r", contrast_limits=(0, 255), blending="minimum",
+                run, kind, grids[2], colormap="gray_r", contrast_limits=(0, 255 / GRID_DARKNESS), blending="minimum",
                 metadata=meta,
             )
         ]
@@ -136,29 +146,22 @@ def build(
     if kind == "contours":
         if res.warped_seg is None or run.fixed_seg is None:
             return []
-        common = {"affine": run.affine, "contour": 1, "opacity": 1.0}
-        return [
-            (
-                np.asarray(run.fixed_seg),
-                {
-                    "name": run.layer_name("contours fixed"),
-                    "metadata": _meta(run, kind, side="fixed"),
-                    "colormap": {None: FIXED_CONTOUR_COLOR, 0: "transparent"},
-                    **common,
-                },
-                "labels",
-            ),
-            (
-                np.asarray(res.warped_seg),
-                {
-                    "name": run.layer_name("contours warped"),
-                    "metadata": _meta(run, kind, side="warped"),
-                    "colormap": {None: WARPED_CONTOUR_COLOR, 0: "transparent"},
-                    **common,
-                },
-                "labels",
-            ),
-        ]
+        outlines = pre.get("outlines") or {
+            "fixed": L.label_outlines(run.fixed_seg), "warped": L.label_outlines(res.warped_seg)
+        }
+        out = []
+        # one outline volume per slicing axis, swapped like the grid's (show.update_grids); the axial one first
+        for side, color in (("fixed", FIXED_CONTOUR_COLOR), ("warped", WARPED_CONTOUR_COLOR)):
+            per_axis = outlines[side]
+            kw = {
+                "name": run.layer_name(f"contours {side}"),
+                "affine": run.affine,
+                "metadata": _meta(run, kind, side=side, per_axis=per_axis),
+                "colormap": {None: color, 0: "transparent"},
+                "opacity": CONTOUR_OPACITY,
+            }
+            out.append((per_axis[2], kw, "labels"))
+        return out
     if kind == "checkerboard":
         cb = L.checkerboard(run.fixed, res.warped, tile)
         meta = _meta(run, kind, tile=tile)
