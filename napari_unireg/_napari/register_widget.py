@@ -539,7 +539,9 @@ class RegisterWidget(QWidget):
                 dice = run.metrics.get("dice")
                 msg = f"done: {run.tag}" + (f" in {secs:.1f} s" if secs else "")
                 if dice is not None:
-                    msg += f", Dice {run.metrics.get('dice_before', float('nan')):.3f} → {dice:.3f}"
+                    # the engine's "before" is measured after the affine pre-alignment when there is one: say so
+                    before = "affine" if run.options.prealign == "affine" else "before"
+                    msg += f", Dice {before} {run.metrics.get('dice_before', float('nan')):.3f} → {dice:.3f}"
                 if not run.result.weights_trained:
                     msg += " (untrained weights!)"
                 self._set_status(msg)
