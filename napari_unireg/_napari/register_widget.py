@@ -407,6 +407,8 @@ class RegisterWidget(QWidget):
         return ""
 
     def _update_run_state(self) -> None:
+        if not hasattr(self, "lbl_reason"):  # a picker signal while the widget is still being built
+            return
         why = "" if self.busy else self.problem()
         self.lbl_reason.setText(why)
         self.lbl_reason.setVisible(bool(why))
