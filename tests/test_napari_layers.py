@@ -137,7 +137,13 @@ def test_result_tuples_have_right_values_for_affine_field():
     run = fake_run(M=M, spacing=(2.0, 1.0, 1.0))
     assert run.layer_name("warped") == "warped [mov→fix, toy]"
     [(jac, kw, t)] = results.build(run, "jacobian")
-    assert t == "image" and kw["contrast_limits"] == L.JACOBIAN_RANGE and kw["colormap"] == "bwr"
+    assert t == "image" and kw["contrast_limits"] == L.JACOBIAN_RANGE
+    # blue-white-red, transparent at J = 1 (the middle of the range), opaque blue at J = -1 and red at J = 3
+    cm = kw["colormap"]
+    mid = len(cm["controls"]) // 2
+    assert cm["colors"][mid, 3] < 0.05 and np.allclose(cm["colors"][mid, :3], 1.0, atol=0.01)
+    np.testing.assert_allclose(cm["colors"][0], [0, 0, 1, 1])
+    np.testing.assert_allclose(cm["colors"][-1], [1, 0, 0, 1])
     np.testing.assert_allclose(jac[2:-2, 2:-2, 2:-2], np.linalg.det(M), rtol=1e-5)
     [(mag, kw, _)] = results.build(run, "magnitude")
     p = np.array([0, 0, 0]) - np.array([(n - 1) / 2 for n in SHAPE])

@@ -168,16 +168,19 @@ def folding_mask(jacobian: np.ndarray) -> np.ndarray:
     return (np.asarray(jacobian) <= 0).astype(np.uint8)
 
 
-def jacobian_colormap_spec(n: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def jacobian_colormap_spec(n: int = 256, fade: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Controls and RGBA colours of a blue-white-red map (matplotlib's ``bwr``), white at the middle.
 
-    With contrast limits :data:`JACOBIAN_RANGE` the middle is J = 1 (no volume change).
+    With contrast limits :data:`JACOBIAN_RANGE` the middle is J = 1 (no volume change). ``fade`` > 0 makes the
+    middle transparent, alpha rising as ``fade·|2t − 1|`` (clipped to 1): over the anatomy, only volume change
+    is coloured and the background (J = 1) stays as it is.
     """
     t = np.linspace(0.0, 1.0, n)
     r = np.clip(2 * t, 0, 1)
     b = np.clip(2 - 2 * t, 0, 1)
     g = 1 - np.abs(2 * t - 1)
-    rgba = np.stack([r, g, b, np.ones_like(t)], axis=1).astype(np.float32)
+    alpha = np.clip(fade * np.abs(2 * t - 1), 0, 1) if fade > 0 else np.ones_like(t)
+    rgba = np.stack([r, g, b, alpha], axis=1).astype(np.float32)
     return t.astype(np.float32), rgba
 
 

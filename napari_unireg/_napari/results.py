@@ -41,8 +41,11 @@ GRID_SPACING, GRID_WIDTH = 8, 1
 GRID_DARKNESS = 0.6
 #: Opacity of the label outlines drawn over the anatomy.
 CONTOUR_OPACITY = 0.8
-#: Opacity of the Jacobian map: semi-transparent, so the anatomy shows through when it is switched on.
-JACOBIAN_OPACITY = 0.6
+#: Opacity of the Jacobian map: semi-transparent, so the anatomy shows through when it is switched on ...
+JACOBIAN_OPACITY = 0.8
+#: ... and its colours fade out towards J = 1 (alpha = JACOBIAN_FADE·|J − 1|/2 on the −1..3 range): unchanged
+#: volume and the background stay uncoloured.
+JACOBIAN_FADE = 3.0
 
 
 def precompute(
@@ -60,6 +63,12 @@ def precompute(
     if fixed_seg is not None and result.warped_seg is not None:
         out["outlines"] = {"fixed": L.label_outlines(fixed_seg), "warped": L.label_outlines(result.warped_seg)}
     return out
+
+
+def jacobian_colormap() -> dict[str, Any]:
+    """napari colormap (a dict napari turns into a Colormap) of the Jacobian layer: bwr, transparent at J = 1."""
+    controls, colors = L.jacobian_colormap_spec(fade=JACOBIAN_FADE)
+    return {"name": "jacobian bwr", "colors": colors, "controls": controls}
 
 
 def available_kinds(run: Run) -> list[str]:
@@ -119,7 +128,10 @@ def build(
     if kind == "jacobian":
         jac = np.asarray(res.jacobian, dtype=np.float32)
         return [
-            _image(run, kind, jac, colormap="bwr", contrast_limits=L.JACOBIAN_RANGE, opacity=JACOBIAN_OPACITY)
+            _image(
+                run, kind, jac, colormap=jacobian_colormap(), contrast_limits=L.JACOBIAN_RANGE,
+                opacity=JACOBIAN_OPACITY,
+            )
         ]
     if kind == "folding":
         mask = pre["folding"] if "folding" in pre else L.folding_mask(res.jacobian)
