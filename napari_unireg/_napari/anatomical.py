@@ -131,6 +131,7 @@ def update_label(viewer: Any, event: Any = None) -> str:
         text = describe_view(tuple(viewer.dims.order), tuple(camera_of(viewer).orientation2d), viewer.dims.ndisplay)
     overlay.text = text
     overlay.color = LABEL_COLOR
+    overlay.position = "top_left"  # napari's notifications pop up bottom right
     overlay.visible = bool(text)
     return text
 
