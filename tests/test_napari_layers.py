@@ -137,7 +137,13 @@ def test_result_tuples_have_right_values_for_affine_field():
     run = fake_run(M=M, spacing=(2.0, 1.0, 1.0))
     assert run.layer_name("warped") == "warped [mov→fix, toy]"
     [(jac, kw, t)] = results.build(run, "jacobian")
-    assert t == "image" and kw["contrast_limits"] == L.JACOBIAN_RANGE and kw["colormap"] == "bwr"
+    assert t == "image" and kw["contrast_limits"] == L.JACOBIAN_RANGE
+    # blue-white-red, transparent at J = 1 (the middle of the range), opaque blue at J = -1 and red at J = 3
+    cm = kw["colormap"]
+    mid = len(cm["controls"]) // 2
+    assert cm["colors"][mid, 3] < 0.05 and np.allclose(cm["colors"][mid, :3], 1.0, atol=0.01)
+    np.testing.assert_allclose(cm["colors"][0], [0, 0, 1, 1])
+    np.testing.assert_allclose(cm["colors"][-1], [1, 0, 0, 1])
     np.testing.assert_allclose(jac[2:-2, 2:-2, 2:-2], np.linalg.det(M), rtol=1e-5)
     [(mag, kw, _)] = results.build(run, "magnitude")
     p = np.array([0, 0, 0]) - np.array([(n - 1) / 2 for n in SHAPE])
@@ -147,7 +153,8 @@ def test_result_tuples_have_right_values_for_affine_field():
     [(fold, kw, t)] = results.build(run, "folding")
     assert t == "labels" and fold.max() == 0
     contours = results.build(run, "contours")
-    assert [kw["contour"] for _, kw, _ in contours] == [1, 1]
+    assert [len(kw["metadata"]["unireg"]["per_axis"]) for _, kw, _ in contours] == [3, 3]
+    np.testing.assert_array_equal(contours[0][0], L.label_outlines(run.fixed_seg)[2])
     [(grid, kw, _)] = results.build(run, "grid", grid_spacing=4)
     assert len(kw["metadata"]["unireg"]["per_axis"]) == 3 and grid.dtype == np.uint8
     for kind in results.available_kinds(run):
@@ -155,6 +162,38 @@ def test_result_tuples_have_right_values_for_affine_field():
             assert data.shape == SHAPE, kind
             np.testing.assert_array_equal(kw["affine"], run.affine)
             assert kw["metadata"]["unireg"]["run"] == run.id
+
+
+def test_label_outlines_one_voxel_per_boundary():
+    lab = np.zeros((12, 12, 12), np.uint8)
+    lab[3:9, 3:9, 3:9] = 1
+    lab[3:9, 6:9, 3:9] = 2  # two labels touching inside the box
+    outlines = L.label_outlines(lab)
+    for plane_axis in range(3):
+        o = np.moveaxis(outlines[plane_axis], plane_axis, 0)
+        m = np.moveaxis(lab, plane_axis, 0)
+        for k in range(12):
+            sl, out = m[k], o[k]
+            if np.all(sl == sl[0, 0]):
+                assert not out.any()  # a boundary parallel to the slice fills nothing
+                continue
+            # every in-plane boundary between 4-neighbours is drawn on at least one side ...
+            for ax in (0, 1):
+                a, b = np.take(sl, range(11), axis=ax), np.take(sl, range(1, 12), axis=ax)
+                oa, ob = np.take(out, range(11), axis=ax), np.take(out, range(1, 12), axis=ax)
+                assert np.all((oa | ob)[a != b])
+            # ... and only on one: no voxel is marked whose 4-neighbourhood holds a single label
+            from scipy.ndimage import maximum_filter, minimum_filter
+
+            fp = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
+            uniform = maximum_filter(sl, footprint=fp, mode="nearest") == minimum_filter(
+                sl, footprint=fp, mode="nearest"
+            )
+            assert not np.any(out[uniform])
+            # one voxel thick: the line between labels 1 and 2 is a single row of marks
+            if plane_axis != 1 and 3 <= k < 9:
+                line = np.moveaxis(out, 0 if plane_axis == 0 else 1, 0)[:, 4:8]  # rows: y
+                assert line[5].all() and not line[4].any() and not line[6].any()
 
 
 def test_runs_store_suffix_and_tables(tmp_path):

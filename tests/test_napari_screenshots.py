@@ -119,6 +119,8 @@ def test_screenshots(make_napari_viewer, qtbot, monkeypatch):
     views = OrthoViewsWidget(viewer)  # below the Inspect widget
     viewer.window.add_dock_widget(views, name="Linked views", area="right")
     views.set_point(centre)
+    for kind in ("grid", "contours", "folding"):  # Run shows every overlay: one at a time for these pictures
+        insp.show_kind(kind, False)
     insp.show_kind("grid", True)
     hover_at = run.affine[:3, :3] @ np.array([60, 130, 100]) + run.affine[:3, 3]
     insp.hover.update(hover_at)

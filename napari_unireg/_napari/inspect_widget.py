@@ -49,7 +49,7 @@ KIND_TIPS = {
     "difference": "warped − fixed after normalising both to [0, 1] (blue: fixed brighter, red: warped brighter)",
     "grid": "A regular grid warped backward with the displacement, in the plane you are looking at (dark lines "
     "drawn over the layers below; set its blending to 'translucent' to see the grid alone)",
-    "jacobian": "det(I + ∇u): 1 = volume kept (white), < 1 shrink (blue), > 1 growth (red), ≤ 0 folding",
+    "jacobian": "det(I + ∇u): 1 = volume kept (uncoloured), < 1 shrink (blue), > 1 growth (red), ≤ 0 folding",
     "folding": "Voxels where the transform folds (J ≤ 0)",
     "magnitude": "Length of the displacement in millimetres",
     "contours": "Fixed label outlines (green) over warped moving label outlines (magenta)",

@@ -16,6 +16,7 @@ __all__ = [
     "grid_volume",
     "warp_array",
     "warped_grids",
+    "label_outlines",
     "checkerboard",
     "difference",
     "displacement_mm",
@@ -110,6 +111,26 @@ def warped_grids(disp: np.ndarray, spacing: int = 8, width: int = 1) -> list[np.
     return [np.clip(np.rint(w * 255.0), 0, 255).astype(np.uint8) for w in warped]
 
 
+def label_outlines(labels: np.ndarray) -> list[np.ndarray]:
+    """One-voxel outlines of every label boundary, one volume per slicing axis (sagittal, coronal, axial), uint8.
+
+    In the volume for ``plane_axis`` a voxel is 1 when its label differs from the next voxel's along one of the
+    two in-plane axes: each boundary seen in a slice across ``plane_axis`` is drawn once, one voxel thick (napari's
+    own contours draw both sides of a boundary between two labels, two voxels thick, which buries the anatomy),
+    and boundaries parallel to the slice fill nothing.
+    """
+    lab = np.asarray(labels)
+    diff = []
+    for ax in range(3):
+        d = np.zeros(lab.shape, bool)
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[ax], b[ax] = slice(0, -1), slice(1, None)
+        d[tuple(a)] = lab[tuple(a)] != lab[tuple(b)]
+        diff.append(d)
+    return [(diff[(p + 1) % 3] | diff[(p + 2) % 3]).astype(np.uint8) for p in range(3)]
+
+
 def checkerboard(a: np.ndarray, b: np.ndarray, tile: int = 16) -> np.ndarray:
     """3-D checkerboard of two images on the same grid, each normalised to [0, 1]; ``tile`` in voxels.
 
@@ -147,16 +168,19 @@ def folding_mask(jacobian: np.ndarray) -> np.ndarray:
     return (np.asarray(jacobian) <= 0).astype(np.uint8)
 
 
-def jacobian_colormap_spec(n: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def jacobian_colormap_spec(n: int = 256, fade: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Controls and RGBA colours of a blue-white-red map (matplotlib's ``bwr``), white at the middle.
 
-    With contrast limits :data:`JACOBIAN_RANGE` the middle is J = 1 (no volume change).
+    With contrast limits :data:`JACOBIAN_RANGE` the middle is J = 1 (no volume change). ``fade`` > 0 makes the
+    middle transparent, alpha rising as ``fade·|2t − 1|`` (clipped to 1): over the anatomy, only volume change
+    is coloured and the background (J = 1) stays as it is.
     """
     t = np.linspace(0.0, 1.0, n)
     r = np.clip(2 * t, 0, 1)
     b = np.clip(2 - 2 * t, 0, 1)
     g = 1 - np.abs(2 * t - 1)
-    rgba = np.stack([r, g, b, np.ones_like(t)], axis=1).astype(np.float32)
+    alpha = np.clip(fade * np.abs(2 * t - 1), 0, 1) if fade > 0 else np.ones_like(t)
+    rgba = np.stack([r, g, b, alpha], axis=1).astype(np.float32)
     return t.astype(np.float32), rgba
 
 

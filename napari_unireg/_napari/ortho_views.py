@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,62 +34,21 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-PLANE_NAMES = ("Sagittal", "Coronal", "Axial")
-POSITIVE = ("R", "A", "S")  # direction in which world axis i increases (RAS)
-NEGATIVE = ("L", "P", "I")
+from . import anatomical
+from .anatomical import (  # noqa: F401  (re-exported: the layouts used to live here)
+    NEGATIVE,
+    PLANE_NAMES,
+    POSITIVE,
+    PlaneLayout,
+    camera_of,
+    plane_layout,
+)
+
 CROSSHAIR_COLOR = "#ffd400"
 #: layer property names kept in sync from a main layer to its mirrors
 COMMON_PROPS = ("visible", "opacity", "blending", "name", "affine", "scale", "translate", "rotate", "shear")
 IMAGE_PROPS = ("colormap", "contrast_limits", "gamma", "interpolation2d")
 LABELS_PROPS = ("colormap", "contour", "show_selected_label", "selected_label")
-
-
-@dataclass(frozen=True)
-class PlaneLayout:
-    """How one plane is shown: napari ``dims.order``, ``camera.orientation2d`` and the four side labels."""
-
-    axis: int
-    order: tuple[int, int, int]
-    orientation2d: tuple[str, str]
-    top: str
-    bottom: str
-    left: str
-    right: str
-
-    @property
-    def name(self) -> str:
-        return PLANE_NAMES[self.axis]
-
-
-def plane_layout(axis: int, radiological: bool = True) -> PlaneLayout:
-    """Layout of the plane across world axis ``axis`` (0 sagittal, 1 coronal, 2 axial).
-
-    Superior (sagittal, coronal) or anterior (axial) is up. The patient's right is on the screen's left in the
-    radiological convention (the paper's figures), on the right in the neurological one. Sagittal views show
-    anterior on the left in both.
-    """
-    vertical = 1 if axis == 2 else 2
-    horizontal = 1 if axis == 0 else 0
-    order = (axis, vertical, horizontal)
-    # 'left' = the horizontal axis increases to the left of the screen
-    h_dir = "left" if (horizontal == 1 or radiological) else "right"
-    pos_h, neg_h = POSITIVE[horizontal], NEGATIVE[horizontal]
-    left, right = (pos_h, neg_h) if h_dir == "left" else (neg_h, pos_h)
-    return PlaneLayout(
-        axis=axis,
-        order=order,
-        orientation2d=("up", h_dir),
-        top=POSITIVE[vertical],
-        bottom=NEGATIVE[vertical],
-        left=left,
-        right=right,
-    )
-
-
-def camera_of(model: Any) -> Any:
-    """napari 0.9 moved the camera to ``viewer.scene.camera`` (``viewer.camera`` is deprecated there)."""
-    scene = getattr(model, "scene", None)
-    return scene.camera if scene is not None and hasattr(scene, "camera") else model.camera
 
 
 def _mirrorable(layer: Any) -> bool:
@@ -260,7 +218,7 @@ class OrthoViewsWidget(QWidget):
         self._closed = False
         self._watched: list = []
         self.follow_mouse = False
-        self.radiological = True
+        self.radiological = anatomical.radiological()  # the plugin-wide setting (Layers > Visualize)
 
         # controls
         self.chk_cross = QCheckBox("crosshair")
@@ -270,7 +228,8 @@ class OrthoViewsWidget(QWidget):
         self.chk_follow.setToolTip("The views follow the cursor of the main viewer (and of each other)")
         self.cmb_conv = QComboBox()
         self.cmb_conv.addItems(["radiological (R on left)", "neurological (R on right)"])
-        self.cmb_conv.setToolTip("Left-right convention of the coronal and axial views")
+        self.cmb_conv.setToolTip("Left-right convention of the coronal and axial views and of the main canvas")
+        self.cmb_conv.setCurrentIndex(0 if self.radiological else 1)
         self.btn_reset = QPushButton("reset")
         self.btn_reset.setToolTip("Frame the data in every view")
         self.cmb_layout = QComboBox()
@@ -629,8 +588,10 @@ class OrthoViewsWidget(QWidget):
 
     # ------------------------------------------------------------------ layout
     def set_radiological(self, on: bool) -> None:
+        """Switch the left-right convention here, in the main canvas and for every viewer (one setting)."""
         self.radiological = bool(on)
         self._apply_layouts()
+        anatomical.set_radiological(self.radiological)
         if self.cmb_main.currentIndex() > 0:
             self._orient_main(self.cmb_main.currentIndex())
 
@@ -647,11 +608,7 @@ class OrthoViewsWidget(QWidget):
     def _orient_main(self, index: int) -> None:
         if index <= 0 or self.viewer.dims.ndim != 3:
             return
-        lay = plane_layout(index - 1, self.radiological)
-        self.viewer.dims.ndisplay = 2
-        self.viewer.dims.order = lay.order
-        camera_of(self.viewer).orientation2d = lay.orientation2d
-        self.viewer.reset_view()
+        anatomical.show_plane(self.viewer, index - 1, self.radiological)
 
     def set_orientation(self, orientation: str) -> None:
         """Arrange the planes: 'grid' (2×2 with the controls in the fourth cell, the default), 'column' (stacked,

@@ -28,6 +28,9 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list] | None:
     paths = path if isinstance(path, list | tuple) else [path]
     if not paths or not all(_is_nifti(p) for p in paths):
         return None
+    from .anatomical import orient_current_viewer
+
+    orient_current_viewer()  # the first RAS-world layer napari adds shows the axial plane, anterior up
     return read_nifti
 
 

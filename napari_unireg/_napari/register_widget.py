@@ -5,6 +5,10 @@ a napari worker thread (the GUI stays responsive), reports the engine's stages i
 activity dock, cancels through ``should_stop`` and adds the result layers of the finished run. User layers are
 never modified: the engine gets copies of their arrays.
 
+The four layer pickers are magicgui ComboBoxes whose choices follow the viewer's layers (added, removed, renamed,
+reordered). Their first guesses come from :mod:`.pairing` (fixed/moving never the same layer, label maps follow
+their image); Run stays disabled, with the reason shown under it, while the inputs cannot be registered.
+
 Scripts and tests: :meth:`RegisterWidget.run` does what the Run button does and returns the worker;
 ``widget.busy`` tells whether a run is in flight and the ``finished`` signal carries ``(status, payload)``
 (``"ok"`` + the :class:`~napari_unireg._napari.runs.Run`, ``"cancelled"``, ``"error"`` + message).
@@ -39,6 +43,9 @@ from napari_unireg.pipeline import STAGES, RegisterOptions
 log = logging.getLogger(__name__)
 
 NONE = "(none)"
+#: result kinds of a run that can be registered again (the other result layers are maps, not anatomy)
+REUSABLE_KINDS = ("warped", "warped labels")
+ROLES = ("fixed", "moving")
 #: share of the overall progress bar of each engine stage (refinement only counts when asked for)
 STAGE_WEIGHTS = {"load": 5, "prealign": 10, "inference": 45, "refinement": 25, "metrics": 15, "write": 0}
 STAGE_TEXT = {
@@ -47,7 +54,7 @@ STAGE_TEXT = {
     "inference": "deformable registration",
     "refinement": "instance-optimisation refinement",
     "metrics": "metrics",
-    "write": "writing",
+    "write": "preparing the overlays",
 }
 
 
@@ -139,53 +146,6 @@ class _Relay(QObject):
     progress = QtSignal(str, float)
 
 
-class LayerCombo(QComboBox):
-    """Picks a layer of the given napari types; refreshes itself when the layer list changes."""
-
-    def __init__(self, viewer: Any, kinds: tuple[str, ...], optional: bool = False) -> None:
-        super().__init__()
-        self.viewer = viewer
-        self.kinds = kinds
-        self.optional = optional
-        self.refresh()
-
-    def layers(self) -> list[Any]:
-        return [
-            lay for lay in self.viewer.layers if lay._type_string in self.kinds and getattr(lay, "ndim", 0) == 3
-        ]
-
-    def refresh(self) -> None:
-        current = self.currentText()
-        self.blockSignals(True)
-        self.clear()
-        if self.optional:
-            self.addItem(NONE)
-        for lay in self.layers():
-            self.addItem(lay.name)
-        idx = self.findText(current)
-        if idx >= 0:
-            self.setCurrentIndex(idx)
-        self.blockSignals(False)
-
-    def layer(self) -> Any | None:
-        name = self.currentText()
-        if not name or name == NONE or name not in self.viewer.layers:
-            return None
-        return self.viewer.layers[name]
-
-    def set_layer(self, layer_or_name: Any) -> None:
-        name = NONE if layer_or_name is None else getattr(layer_or_name, "name", layer_or_name)
-        self.refresh()
-        idx = self.findText(str(name))
-        if idx < 0:
-            raise ValueError(f"no layer {name!r} to pick")
-        self.setCurrentIndex(idx)
-
-    def showPopup(self) -> None:  # noqa: N802 (Qt name): names may have changed since the last refresh
-        self.refresh()
-        super().showPopup()
-
-
 class RegisterWidget(QWidget):
     """Dock widget running ``register_volumes`` on two layers of the viewer."""
 
@@ -205,14 +165,26 @@ class RegisterWidget(QWidget):
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
 
-        self.cmb_fixed = LayerCombo(napari_viewer, ("image",))
-        self.cmb_moving = LayerCombo(napari_viewer, ("image",))
-        self.cmb_fixed_seg = LayerCombo(napari_viewer, ("labels",), optional=True)
-        self.cmb_moving_seg = LayerCombo(napari_viewer, ("labels",), optional=True)
-        self.cmb_fixed.setToolTip("The reference: results live on its grid")
-        self.cmb_moving.setToolTip("The image that is deformed onto the fixed one")
-        self.cmb_fixed_seg.setToolTip("Optional label map on the fixed image's grid (for Dice / HD95)")
-        self.cmb_moving_seg.setToolTip("Optional label map on the moving image's grid (warped with the image)")
+        from magicgui.widgets import ComboBox
+
+        #: the image layer the user or a guess put in each picker (magicgui shows its first choice otherwise)
+        self._picked: dict[str, Any] = {r: None for r in ROLES}
+        #: role -> magicgui ComboBox of image layers / of label layers (with "(none)")
+        self.image_pickers = {r: ComboBox(choices=self._image_choices) for r in ROLES}
+        self.label_pickers = {r: ComboBox(choices=self._label_choices, nullable=True) for r in ROLES}
+        for picker in self.label_pickers.values():
+            picker.null_string = NONE  # magicgui's "-----" would not say what it means
+            picker.reset_choices()
+        self.image_pickers["fixed"].tooltip = "The reference: results live on its grid"
+        self.image_pickers["moving"].tooltip = "The image that is deformed onto the fixed one"
+        self.label_pickers["fixed"].tooltip = "Optional label map on the fixed image's grid (for Dice / HD95)"
+        self.label_pickers["moving"].tooltip = "Optional label map on the moving image's grid (warped with it)"
+        self._syncing = False
+        #: a label picker the user set by hand is not re-guessed when layers come and go (until its image changes)
+        self._labels_by_hand = {r: False for r in ROLES}
+        for role in ROLES:
+            self.image_pickers[role].changed.connect(lambda _v, r=role: self._on_image_picked(r))
+            self.label_pickers[role].changed.connect(lambda _v, r=role: self._on_labels_picked(r))
 
         self.cmb_model = QComboBox()
         self.cmb_device = QComboBox()
@@ -234,12 +206,16 @@ class RegisterWidget(QWidget):
         self.progress_bar.setTextVisible(False)
         self.lbl_status = QLabel("")
         self.lbl_status.setWordWrap(True)
+        #: why Run is disabled (empty when it is not)
+        self.lbl_reason = QLabel("")
+        self.lbl_reason.setWordWrap(True)
+        self.lbl_reason.setStyleSheet("color: #ffb347; font-size: 11px;")
 
         form = QFormLayout()
-        form.addRow("fixed image", self.cmb_fixed)
-        form.addRow("moving image", self.cmb_moving)
-        form.addRow("fixed labels", self.cmb_fixed_seg)
-        form.addRow("moving labels", self.cmb_moving_seg)
+        form.addRow("fixed image", self.image_pickers["fixed"].native)
+        form.addRow("moving image", self.image_pickers["moving"].native)
+        form.addRow("fixed labels", self.label_pickers["fixed"].native)
+        form.addRow("moving labels", self.label_pickers["moving"].native)
         form.addRow("model", self.cmb_model)
         form.addRow("device", self.cmb_device)
         form.addRow("", self.chk_prealign)
@@ -251,6 +227,7 @@ class RegisterWidget(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addLayout(buttons)
+        lay.addWidget(self.lbl_reason)
         lay.addWidget(self.progress_bar)
         lay.addWidget(self.lbl_status)
         # no vertical stretch: the dock takes what the form needs and leaves the rest to the linked views
@@ -258,11 +235,12 @@ class RegisterWidget(QWidget):
 
         self.populate_models()
         self.populate_devices()
-        self._auto_pick()
+        self.refresh_pickers()
         self.btn_run.clicked.connect(self.run)
         self.btn_cancel.clicked.connect(self.cancel)
-        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            ev.connect(self._on_layers_changed)
+        events = napari_viewer.layers.events
+        for ev in (events.inserted, events.removed, events.reordered, events.renamed):
+            ev.connect(self.refresh_pickers)
 
     # ------------------------------------------------------------------ pickers
     def populate_models(self) -> None:
@@ -283,45 +261,159 @@ class RegisterWidget(QWidget):
             raise ValueError(f"model {value!r} is not in the list")
         self.cmb_model.setCurrentIndex(idx)
 
-    def set_inputs(self, fixed: Any, moving: Any, fixed_labels: Any = None, moving_labels: Any = None) -> None:
-        """Pick the layers (objects or names) as the user would in the combo boxes."""
-        self.cmb_fixed.set_layer(fixed)
-        self.cmb_moving.set_layer(moving)
-        self.cmb_fixed_seg.set_layer(fixed_labels)
-        self.cmb_moving_seg.set_layer(moving_labels)
-
-    def _on_layers_changed(self, event: Any = None) -> None:
-        for c in (self.cmb_fixed, self.cmb_moving, self.cmb_fixed_seg, self.cmb_moving_seg):
-            c.refresh()
-        self._auto_pick()
-
-    def _auto_pick(self) -> None:
-        """First guess: 'fixed'/'moving' in the names, else the first two user images."""
+    # layers on offer: 3D grey-level images / label maps; of the result layers only the warped ones
+    def _offered(self, kind: str) -> list[Any]:
         from .runs import META_KEY
 
-        images = [lay for lay in self.cmb_fixed.layers() if META_KEY not in (lay.metadata or {})]
-        labels = [lay for lay in self.cmb_fixed_seg.layers() if META_KEY not in (lay.metadata or {})]
+        out = []
+        for lay in self.viewer.layers:
+            if lay._type_string != kind or getattr(lay, "ndim", 0) != 3 or getattr(lay, "rgb", False):
+                continue
+            result_kind = ((lay.metadata or {}).get(META_KEY) or {}).get("kind")
+            if result_kind is None or result_kind in REUSABLE_KINDS:
+                out.append(lay)
+        return out
 
-        def pick(cands, word, avoid=None):
-            named = [x for x in cands if word in x.name.lower() and x is not avoid]
-            return named[0] if named else None
+    def _image_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        return [(lay.name, lay) for lay in self._offered("image")]
 
-        cur_f, cur_m = self.cmb_fixed.layer(), self.cmb_moving.layer()
-        if cur_f is None or cur_m is None or cur_f is cur_m:
-            fixed = pick(images, "fixed") or (images[0] if images else None)
-            moving = pick(images, "moving", fixed) or next((x for x in images if x is not fixed), None)
-            if fixed is not None:
-                self.cmb_fixed.set_layer(fixed)
-            if moving is not None:
-                self.cmb_moving.set_layer(moving)
-        if self.cmb_fixed_seg.layer() is None:
-            fl = pick(labels, "fixed")
-            if fl is not None:
-                self.cmb_fixed_seg.set_layer(fl)
-        if self.cmb_moving_seg.layer() is None:
-            ml = pick(labels, "moving")
-            if ml is not None:
-                self.cmb_moving_seg.set_layer(ml)
+    def _label_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        return [(lay.name, lay) for lay in self._offered("labels")]  # + "(none)": the pickers are nullable
+
+    def inputs(self) -> tuple[Any, Any, Any, Any]:
+        """(fixed, moving, fixed labels, moving labels) layers as picked (None where nothing is)."""
+        return (
+            self.image_pickers["fixed"].value,
+            self.image_pickers["moving"].value,
+            self.label_pickers["fixed"].value,
+            self.label_pickers["moving"].value,
+        )
+
+    def set_inputs(self, fixed: Any, moving: Any, fixed_labels: Any = None, moving_labels: Any = None) -> None:
+        """Pick the layers (objects or names; None for no label map) as the user would in the pickers."""
+
+        def find(x: Any, picker: Any) -> Any:
+            if x is None or not isinstance(x, str):
+                return x
+            match = [c for c in picker.choices if c is not None and c.name == x]
+            if not match:
+                raise ValueError(f"no layer {x!r} to pick")
+            return match[0]
+
+        self._syncing = True
+        try:
+            for role, value in (("fixed", fixed), ("moving", moving)):
+                self.image_pickers[role].value = self._picked[role] = find(value, self.image_pickers[role])
+            for role, value in (("fixed", fixed_labels), ("moving", moving_labels)):
+                self.label_pickers[role].value = find(value, self.label_pickers[role])
+                self._labels_by_hand[role] = True
+        finally:
+            self._syncing = False
+        self._update_run_state()
+
+    def refresh_pickers(self, event: Any = None) -> None:
+        """Follow the viewer's layers: new choices, picks kept where their layer still exists, guesses for the
+        rest (connected to the layer list's inserted/removed/reordered/renamed events)."""
+        self._syncing = True
+        try:
+            for role, picker in self.image_pickers.items():
+                before = self._picked[role]
+                picker.reset_choices()
+                # magicgui matches by text: a renamed layer would lose its place; keep the layer object instead
+                if before is not None and any(c is before for c in picker.choices):
+                    picker.value = before
+                else:  # nothing picked yet, or the layer went (magicgui fell back to its first choice)
+                    self._picked[role] = None
+            for picker in self.label_pickers.values():
+                before = picker.value
+                picker.reset_choices()
+                if before is not None and any(c is before for c in picker.choices):
+                    picker.value = before
+            self._guess()
+        finally:
+            self._syncing = False
+        self._update_run_state()
+
+    def _guess(self) -> None:
+        """Fill the image pickers that hold nothing sensible (see :mod:`.pairing`, user layers only), then the
+        label pickers that are empty and were not set by hand."""
+        from . import pairing
+        from .runs import META_KEY
+
+        images = [lay for lay in self._offered("image") if META_KEY not in (lay.metadata or {})]
+        ids = [id(x) for x in images]
+        cur = dict(self._picked)
+        if cur["fixed"] is None or cur["moving"] is None or cur["fixed"] is cur["moving"]:
+            keep = {r: ids.index(id(cur[r])) if cur[r] is not None and id(cur[r]) in ids else None for r in ROLES}
+            f, m = pairing.choose_pair([x.name for x in images], keep["fixed"], keep["moving"])
+            for role, i in (("fixed", f), ("moving", m)):
+                if i is not None and images[i] is not cur[role]:
+                    self.image_pickers[role].value = self._picked[role] = images[i]
+                    self._labels_by_hand[role] = False
+                    self._follow_labels(role)
+        for role in ROLES:
+            if not self._labels_by_hand[role] and self.label_pickers[role].value is None:
+                self._follow_labels(role)
+
+    def _follow_labels(self, role: str) -> None:
+        """Put the label map named like the ``role`` image on its grid into its picker (or none)."""
+        from . import pairing
+        from .runs import META_KEY
+
+        image = self.image_pickers[role].value
+        picker = self.label_pickers[role]
+        if image is None:
+            picker.value = None
+            return
+        cands = [
+            lay
+            for lay in self._offered("labels")
+            if META_KEY not in (lay.metadata or {}) and grid_problem(lay, image) is None
+        ]
+        i = pairing.labels_for(image.name, [x.name for x in cands])
+        picker.value = cands[i] if i is not None else None
+
+    def _on_image_picked(self, role: str) -> None:
+        if self._syncing:
+            return
+        self._picked[role] = self.image_pickers[role].value
+        self._syncing = True
+        try:
+            self._labels_by_hand[role] = False
+            self._follow_labels(role)  # the label map follows its image
+        finally:
+            self._syncing = False
+        self._update_run_state()
+
+    def _on_labels_picked(self, role: str) -> None:
+        if not self._syncing:
+            self._labels_by_hand[role] = True
+        self._update_run_state()
+
+    def problem(self) -> str:
+        """Why the picked inputs cannot be registered ("" when they can)."""
+        fixed, moving, fseg, mseg = self.inputs()
+        if len(self._offered("image")) < 2:
+            return "Open two 3D images (File > Open, or File > Open Sample > napari-unireg)."
+        if fixed is None or moving is None:
+            return "Pick a fixed and a moving image layer."
+        if fixed is moving:
+            return "The fixed and the moving image are the same layer."
+        for role, seg, image in (("fixed", fseg, fixed), ("moving", mseg, moving)):
+            if seg is not None:
+                why = grid_problem(seg, image)
+                if why:
+                    return f"The {role} labels {seg.name!r} {why} of the {role} image {image.name!r}."
+        return ""
+
+    def _update_run_state(self) -> None:
+        if not hasattr(self, "lbl_reason"):  # a picker signal while the widget is still being built
+            return
+        why = "" if self.busy else self.problem()
+        self.lbl_reason.setText(why)
+        self.lbl_reason.setVisible(bool(why))
+        self.btn_run.setEnabled(not self.busy and not why)
+        self.btn_run.setToolTip(why or "Register the moving image onto the fixed one")
 
     def options(self) -> RegisterOptions:
         """The RegisterOptions the current settings describe."""
@@ -346,13 +438,8 @@ class RegisterWidget(QWidget):
         if self.busy:
             show_warning("A registration is already running: wait for it or cancel it first.")
             return None
-        fixed, moving = self.cmb_fixed.layer(), self.cmb_moving.layer()
-        fseg, mseg = self.cmb_fixed_seg.layer(), self.cmb_moving_seg.layer()
-        problem = None
-        if fixed is None or moving is None:
-            problem = "Pick a fixed and a moving image layer (File > Open, or File > Open Sample > napari-unireg)."
-        elif fixed is moving:
-            problem = "The fixed and the moving image are the same layer."
+        fixed, moving, fseg, mseg = self.inputs()
+        problem = self.problem()
         if problem:
             show_error(problem)
             self._set_status(problem, error=True)
@@ -454,7 +541,9 @@ class RegisterWidget(QWidget):
                 dice = run.metrics.get("dice")
                 msg = f"done: {run.tag}" + (f" in {secs:.1f} s" if secs else "")
                 if dice is not None:
-                    msg += f", Dice {run.metrics.get('dice_before', float('nan')):.3f} → {dice:.3f}"
+                    # the engine's "before" is measured after the affine pre-alignment when there is one: say so
+                    before = "affine" if run.options.prealign == "affine" else "before"
+                    msg += f", Dice {before} {run.metrics.get('dice_before', float('nan')):.3f} → {dice:.3f}"
                 if not run.result.weights_trained:
                     msg += " (untrained weights!)"
                 self._set_status(msg)
@@ -469,9 +558,9 @@ class RegisterWidget(QWidget):
 
     def _on_finished(self) -> None:
         self._close_progress()
-        self.btn_run.setEnabled(True)
         self.btn_cancel.setEnabled(False)
         self.worker = None
+        self._update_run_state()
         status, payload = getattr(self, "_outcome", ("error", "the worker ended without a result"))
         self._outcome = None
         self.progress_bar.setValue(1000 if status == "ok" else 0)
@@ -482,7 +571,8 @@ class RegisterWidget(QWidget):
         from .convert import nifti_meta
         from .runs import DEFAULT_KINDS, DEFAULT_VISIBLE, get_store
 
-        result, fixed_vol, fixed_seg_vol, moving_vol, moving_seg_vol = payload
+        result, fixed_vol, fixed_seg_vol, moving_vol, moving_seg_vol = payload[:5]
+        prebuilt = payload[5] if len(payload) > 5 else {}
         fixed_name, moving_name, fseg_name, mseg_name = self._names
         store = get_store(self.viewer)
         run = store.add(
@@ -501,16 +591,29 @@ class RegisterWidget(QWidget):
             moving_seg_name=mseg_name,
             label_names=self._label_names,
             nifti=nifti_meta(fixed_vol),
+            prebuilt=prebuilt,
         )
         for kind in DEFAULT_KINDS:
-            for layer in show.add_kind(self.viewer, run, kind):
-                layer.visible = kind in DEFAULT_VISIBLE
+            show.add_kind(self.viewer, run, kind, visible=kind in DEFAULT_VISIBLE)
         self.viewer.layers.selection.active = show.layers_of(self.viewer, run, "warped")[0]
         from .status import install
 
         install(self.viewer)  # hover read-out of u and J in the status bar
         self.last_run = run
         return run
+
+
+def grid_problem(labels: Any, image: Any) -> str | None:
+    """Why a labels layer is not on an image layer's voxel grid (shape and data→world matrix), or None."""
+    import numpy as np
+
+    from .convert import layer_affine
+
+    if tuple(labels.data.shape) != tuple(image.data.shape):
+        return f"(shape {tuple(labels.data.shape)}) are not on the grid (shape {tuple(image.data.shape)})"
+    if not np.allclose(layer_affine(labels), layer_affine(image), atol=1e-4):
+        return "have another voxel-to-world matrix than the grid"
+    return None
 
 
 def _volume(snapshot: Any) -> Any:
@@ -544,7 +647,13 @@ def _register_job(inputs: list, options: RegisterOptions, progress: Any, should_
         result = register_volumes(
             fixed, moving, fseg, mseg, options=options, progress=progress, should_stop=should_stop
         )
-        return "ok", (result, fixed, fseg, moving, mseg)
+        # the overlays' costly parts here, not in the GUI thread: the layers then appear at once
+        from .results import precompute
+
+        progress("write", 0.0)
+        prebuilt = precompute(result, None if fseg is None else fseg.data)
+        progress("write", 1.0)
+        return "ok", (result, fixed, fseg, moving, mseg, prebuilt)
     except Cancelled:
         return "cancelled", None
     except UserError as exc:

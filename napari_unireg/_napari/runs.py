@@ -29,10 +29,14 @@ KINDS = (
     "checkerboard",
     "flicker",
 )
-#: Kinds the Register widget adds when a run finishes (the others are one click away in Inspect) ...
-DEFAULT_KINDS = ("warped", "warped labels", "jacobian")
-#: ... of which these start visible (the warped image over the fixed one; the rest is an eye-click away).
-DEFAULT_VISIBLE = ("warped",)
+#: Kinds the Register widget adds when a run finishes, bottom to top (the others are one click away in Inspect):
+#: the four overlays the product promises (warped image, deformation grid, Jacobian with folding marked, label
+#: contours) plus the warped label map the contours and metrics come from ...
+DEFAULT_KINDS = ("warped", "warped labels", "jacobian", "folding", "grid", "contours")
+#: ... of which these start visible: the warped image with thin grid lines and 1-pixel label outlines over it
+#: (anatomy stays readable), folded voxels marked; the Jacobian colour map (semi-transparent) and the filled
+#: warped labels are an eye-click or an Inspect tick away.
+DEFAULT_VISIBLE = ("warped", "folding", "grid", "contours")
 
 #: metadata key on every layer this plugin creates for a run: {"run": id, "kind": kind, ...}
 META_KEY = "unireg"
@@ -60,6 +64,8 @@ class Run:
     label_names: dict[int, str] = field(default_factory=dict)
     nifti: dict[str, Any] | None = None  # the fixed file's geometry and header, for writing result layers
     suffix: str = ""
+    #: layer data computed in the worker thread (results.precompute), used instead of recomputing in the GUI
+    prebuilt: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tag(self) -> str:

@@ -35,8 +35,10 @@ def _label_names() -> dict[int, str]:
 
 def demo_pair() -> list[tuple]:
     """Layer data tuples: demo fixed, demo moving (images) and their label maps."""
+    from .anatomical import orient_current_viewer
     from .reader import volume_layer_data
 
+    orient_current_viewer()  # napari adds these layers next: show them as an axial plane, anterior up
     fixed, moving, fixed_seg, moving_seg = _demo_volumes()
     names = _label_names()
     out = [

@@ -23,8 +23,10 @@ def layers_of(viewer: Any, run: Run, kind: str | None = None) -> list[Any]:
     return out
 
 
-def add_kind(viewer: Any, run: Run, kind: str, **params: Any) -> list[Any]:
+def add_kind(viewer: Any, run: Run, kind: str, visible: bool | None = None, **params: Any) -> list[Any]:
     """Build and add the layers of one kind (replacing any previous ones of that kind); returns them.
+
+    ``visible`` given: the layers are created shown or hidden (no flash of a layer that is hidden at once).
 
     Result layers get the fixed file's geometry (``metadata['nifti']``) so that saving one writes it like the
     fixed image (its voxel order and header).
@@ -34,12 +36,14 @@ def add_kind(viewer: Any, run: Run, kind: str, **params: Any) -> list[Any]:
     for data, kwargs, ltype in results.build(run, kind, **params):
         if run.nifti is not None:
             kwargs["metadata"] = {**kwargs.get("metadata", {}), NIFTI_KEY: run.nifti}
+        if visible is not None:
+            kwargs["visible"] = bool(visible)
         post = {k: kwargs.pop(k) for k in POST_ATTRS if k in kwargs}  # not constructor arguments
         layer = getattr(viewer, f"add_{ltype}")(data, **kwargs)
         for k, v in post.items():
             setattr(layer, k, v)
         added.append(layer)
-    if kind == "grid":
+    if any(((lay.metadata or {}).get(META_KEY) or {}).get("per_axis") is not None for lay in added):
         follow_grids(viewer)
         update_grids(viewer)
     return added
@@ -61,8 +65,8 @@ def set_visible(viewer: Any, run: Run, kind: str, visible: bool, **params: Any) 
 
 
 # ---------------------------------------------------------------------------------------------- grids
-# A deformation grid layer holds one grid per slicing axis (metadata['unireg']['per_axis']): the main viewer
-# shows the one across its displayed slicing axis, so the lines always lie in the visible plane.
+# A deformation grid or label-outline layer holds one volume per slicing axis (metadata['unireg']['per_axis']):
+# the main viewer shows the one across its displayed slicing axis, so the lines always lie in the visible plane.
 
 _GRID_FOLLOW: "weakref.WeakSet" = None  # type: ignore[assignment]
 
@@ -76,12 +80,12 @@ def slicing_axis(viewer: Any) -> int:
 
 
 def update_grids(viewer: Any, event: Any = None) -> None:
-    """Put the grid of the current slicing axis into every grid layer of the viewer."""
+    """Put the volume of the current slicing axis into every per-axis layer (grids, label outlines)."""
     axis = slicing_axis(viewer)
     for layer in list(viewer.layers):
         meta = (getattr(layer, "metadata", None) or {}).get(META_KEY) or {}
         per_axis = meta.get("per_axis")
-        if meta.get("kind") == "grid" and per_axis is not None and layer.data is not per_axis[axis]:
+        if per_axis is not None and len(per_axis) == 3 and layer.data is not per_axis[axis]:
             layer.data = per_axis[axis]
 
 
