@@ -8,7 +8,7 @@ default ``none``):
 
 * ``stripped``: the template's own brain-extracted image (``icbm2009c_sym_t1bet``), deformed likewise: the
   reference (what a user with skull-stripped inputs gets);
-* ``auto``: the raw heads through :func:`napari_unireg.skullstrip.skull_strip_stage` (``auto`` finds the skull
+* ``auto``: the raw heads through :func:`napari_unireg.pipeline.skullstrip.skull_strip_stage` (``auto`` finds the skull
   on both and runs deepbet);
 * ``off``: the raw heads as they are.
 
@@ -81,14 +81,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
-    try:  # session 4's new layout; the fallback is the old one
-        from napari_unireg.core.metrics import dice_mean
-        from napari_unireg.pipeline import RegisterOptions, register_volumes
-    except ImportError:
-        from napari_unireg.engine import RegisterOptions, register_volumes
-        from napari_unireg.metrics import dice_mean
+    from napari_unireg.core.metrics import dice_mean
+    from napari_unireg.pipeline import RegisterOptions, register_volumes
     from napari_unireg.io import load_volume
-    from napari_unireg.skullstrip import skull_strip_stage
+    from napari_unireg.pipeline.skullstrip import skull_strip_stage
 
     tdir = DATA / "templates"
     if not (tdir / "icbm2009c_sym_t1.nii.gz").is_file():

@@ -180,7 +180,7 @@ def profile_child(name: str, shape: tuple[int, int, int], device: str, threads: 
     import torch
     import torch.nn.functional as F
 
-    from napari_unireg.losses import registration_loss
+    from napari_unireg.core.losses import registration_loss
     from napari_unireg.models.output import RegistrationOutput
     from napari_unireg.models.registry import build_model
 

@@ -1,8 +1,8 @@
 """The paper's comparison figure (ARCHITECTURE.md §12) on the embedded demo pair, one column per bundled model.
 
 The demo pair (MNI152 template vs. the same brain through a known smooth deformation and affine, see
-``napari_unireg.demo_data``) is built offline on first use. Every model with bundled weights registers it
-(``napari_unireg.engine.register_volumes``); ``--truth`` adds the known deformation as a last column.
+``napari_unireg.io.demo_data``) is built offline on first use. Every model with bundled weights registers it
+(``napari_unireg.pipeline.register_volumes``); ``--truth`` adds the known deformation as a last column.
 ``--synthetic`` skips the models and draws fractions of the known deformation instead (a layout preview that
 needs no weights).
 
@@ -32,11 +32,11 @@ def registration_truth(true_disp: np.ndarray) -> np.ndarray:
 
     ``demo_data`` makes ``moving(p) = fixed(p + t(p))``, so ``t`` warps the fixed image into the moving one; the
     fixed→moving pull field a registration should find (``moving(p + u(p)) = fixed(p)``) is its inverse
-    ``u(p) = −t(p + u(p))``, solved with the Anderson fixed point of :mod:`napari_unireg.inversion`.
+    ``u(p) = −t(p + u(p))``, solved with the Anderson fixed point of :mod:`napari_unireg.core.inversion`.
     """
     import torch
 
-    from napari_unireg.inversion import invert_displacement
+    from napari_unireg.core.inversion import invert_displacement
 
     with torch.no_grad():
         u = invert_displacement(torch.from_numpy(np.ascontiguousarray(true_disp, np.float32))[None], tol=1e-3)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from napari_unireg.demo import demo_files, demo_volumes
+    from napari_unireg.io.demo import demo_files, demo_volumes
     from napari_unireg.errors import UserError
     from napari_unireg.viz import comparison_figure, save_figure
 
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.synthetic:
             methods.update(synthetic_methods(truth))
         else:
-            from napari_unireg.engine import register_volumes
-            from napari_unireg.engine_types import RegisterOptions
+            from napari_unireg.pipeline import register_volumes
+            from napari_unireg.pipeline import RegisterOptions
 
             names = [m.strip() for m in args.models.split(",")] if args.models else bundled_models()
             if not names:

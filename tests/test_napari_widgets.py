@@ -460,7 +460,7 @@ def test_first_hour_demo_with_the_default_network(make_napari_viewer, qtbot):
 
     from napari_unireg._napari import anatomical
     from napari_unireg._napari.register_widget import RegisterWidget
-    from napari_unireg.demo_data import DEMO_LABELS
+    from napari_unireg.io.demo_data import DEMO_LABELS
 
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_unireg import skullstrip
+from napari_unireg.pipeline import skullstrip
 from napari_unireg.errors import UserError
 from napari_unireg.io import volume_from_array
-from napari_unireg.skullstrip import (
+from napari_unireg.pipeline.skullstrip import (
     MISSING_MESSAGE,
     apply_skull_strip,
     extract_brain,
@@ -289,10 +289,7 @@ def test_warp_with_field_pulls_through_world_coordinates():
 @pytest.mark.slow
 def test_warp_with_field_reproduces_the_engines_warped_image():
     """The full head pulled through a run's ``disp_native`` (pre-alignment folded in) lands like the brain did."""
-    try:  # the engine moves to napari_unireg.pipeline in session 4's new layout
-        from napari_unireg.pipeline import RegisterOptions, register_volumes
-    except ImportError:
-        from napari_unireg.engine import RegisterOptions, register_volumes
+    from napari_unireg.pipeline import RegisterOptions, register_volumes
 
     from scipy import ndimage
 

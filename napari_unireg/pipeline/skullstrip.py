@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "SKULL_STRIP_MODES",
@@ -222,11 +222,8 @@ def extract_brain(
 
 
 def _normalize_intensity(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    # normalize_intensity moves from preprocess to core.intensity in session 4's new layout: accept both.
-    try:
-        from .core.intensity import normalize_intensity
-    except ImportError:
-        from .preprocess import normalize_intensity
+    from ..core.intensity import normalize_intensity
+
     return normalize_intensity(data, mask=mask)
 
 
