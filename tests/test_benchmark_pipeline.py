@@ -80,6 +80,7 @@ def test_prepare_inputs_at_1x_uses_the_files_and_otherwise_the_grid_shape(tmp_pa
     assert np.asanyarray(nib.load(scaled["fixed_seg"]).dataobj).dtype == np.uint8
 
 
+@pytest.mark.slow  # a child process with fresh imports and a registration (~13 s on 2 loaded cores)
 def test_child_measures_every_stage_of_the_user_path(tmp_path):
     """In-process run on a 32×48×32 pair: an untrained variant (random heads), pre-alignment and refinement."""
     from napari_unireg import engine
