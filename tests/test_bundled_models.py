@@ -133,7 +133,7 @@ def test_register_with_a_broken_bundled_model_is_an_error(models_copy, tiny_pair
     _break(models_copy, "dp-vfa", breakage)
     out = tmp_path / "out"
     rc = main(["register", *tiny_pair, "--model", model, "--device", "cpu", "--prealign", "none",
-               "--out", str(out), "--quiet"])
+               "--grid", "32", "32", "32", "--out", str(out), "--quiet"])  # a regression fails fast too
     captured = capsys.readouterr()
     assert rc == 2, captured
     lines = captured.err.strip().splitlines()
@@ -170,7 +170,8 @@ def test_register_reproduces_the_card(name, shared_data, tmp_path):
     img, lab = shared_data / "imagesTr", shared_data / "labelsTr"
     out = tmp_path / "out"
     rc = main(["register", str(img / "UNIREG_0001_0000.nii.gz"), str(img / "UNIREG_0002_0000.nii.gz"),
-               "--fixed-seg", str(lab / "UNIREG_0001_0000.nii.gz"), "--moving-seg", str(lab / "UNIREG_0002_0000.nii.gz"),
+               "--fixed-seg", str(lab / "UNIREG_0001_0000.nii.gz"),
+               "--moving-seg", str(lab / "UNIREG_0002_0000.nii.gz"),
                "--model", name, "--device", "cpu", "--prealign", "none", "--out", str(out), "--quiet"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())

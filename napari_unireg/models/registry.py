@@ -13,7 +13,6 @@ card is unreadable or names another architecture is an installation fault: listi
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
