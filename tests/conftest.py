@@ -1,4 +1,5 @@
-"""Shared fixtures: the development data folder (skips when absent) and tiny synthetic volumes."""
+"""Shared fixtures: the development data folder (skips when absent; its tests get the ``data`` marker) and tiny
+synthetic volumes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import numpy as np
 import pytest
 
 SHARED_DATA = Path(os.environ.get("UNIREG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the ``shared_data`` fixture carries the ``data`` marker (``-m "not data"`` drops it)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from conftest import smooth_blob_volume
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-pipeline = pytest.importorskip("pipeline")
+import pipeline  # noqa: E402  (benchmarks/ on sys.path: an import error must fail, not skip)
 
 # a stored LIA grid, 2 mm x 1 mm x 1.5 mm voxels: the magnification must work in any storage order
 LIA = np.array([[-2.0, 0, 0, 30], [0, 0, 1.5, -20], [0, -1.0, 0, 25], [0, 0, 0, 1]])
@@ -80,6 +80,7 @@ def test_prepare_inputs_at_1x_uses_the_files_and_otherwise_the_grid_shape(tmp_pa
     assert np.asanyarray(nib.load(scaled["fixed_seg"]).dataobj).dtype == np.uint8
 
 
+@pytest.mark.slow  # a child process with fresh imports and a registration (~13 s on 2 loaded cores)
 def test_child_measures_every_stage_of_the_user_path(tmp_path):
     """In-process run on a 32×48×32 pair: an untrained variant (random heads), pre-alignment and refinement."""
     from napari_unireg.pipeline import register as engine

@@ -34,6 +34,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def refuse_pickle(path: str | os.PathLike) -> None:
+    """:class:`UserError` when ``path`` is an existing file that is not a safetensors checkpoint or its card:
+    pickled PyTorch files are never loaded."""
+    given = Path(path)
+    if given.is_file() and given.suffix not in (".safetensors", ".json"):
+        raise UserError(f"{given.name} is not a .safetensors checkpoint: pickled PyTorch files (.pt/.pth/.ckpt) are "
+                        "refused because loading one can run arbitrary code; save the state dict with safetensors")
+
+
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """``(weights, card)`` paths from a stem or from either file's path."""
     p = Path(path)

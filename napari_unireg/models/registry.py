@@ -1,12 +1,17 @@
 """The registration networks by name: listing, building, loading pretrained weights.
 
 Pretrained weights are bundled in the repository folder ``models/`` as ``<name>.safetensors`` + ``<name>.json``;
-installed, that folder is the package ``napari_unireg._bundled_models`` (pyproject ``package-dir``).
+installed, that folder is the package ``napari_unireg._bundled_models`` (pyproject ``package-dir``). The
+environment variable ``UNIREG_MODELS_DIR`` points the registry at another folder of the same layout (tests, a
+site-wide model store).
+
+A model is *bundled* when either of its two files is present. A bundled model whose other file is missing, whose
+card is unreadable or names another architecture is an installation fault: listing the models raises a one-line
+:class:`UserError` naming the file, so the default choice and ``register`` never fall back to untrained weights.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +44,8 @@ def weights_dir() -> Path:
     """Folder of the bundled weights: the ``napari_unireg._bundled_models`` package, else the repo's ``models/``."""
     env = os.environ.get("UNIREG_MODELS_DIR")
     if env:
+        if not Path(env).is_dir():
+            raise UserError(f"UNIREG_MODELS_DIR={env} is not a folder; unset it to use the bundled models")
         return Path(env)
     try:
         from importlib.resources import files
@@ -53,16 +60,25 @@ def weights_dir() -> Path:
 
 
 def bundled_card(name: str) -> dict | None:
-    """The model card of a bundled network (None when its weights or card are missing or unreadable); cheap:
-    reads one JSON file, builds nothing."""
-    path = weights_dir() / f"{name}.json"
-    if not (path.is_file() and (weights_dir() / f"{name}.safetensors").is_file()):
+    """The card of bundled model ``name`` (reads one JSON file, builds nothing); None when it is not bundled
+    (neither file present). A half-present or corrupt pair raises :class:`UserError`: it must never read as
+    "no weights"."""
+    from .checkpoint import checkpoint_paths, read_card
+
+    weights, card_path = checkpoint_paths(weights_dir() / name)
+    if not (weights.exists() or card_path.exists()):
         return None
+    fix = "reinstall napari-unireg or set UNIREG_MODELS_DIR to a folder with intact models"
+    if not weights.is_file():
+        raise UserError(f"bundled model '{name}' is broken: weights file {weights} is missing ({fix})")
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return card if isinstance(card, dict) else None
+        card = read_card(card_path)
+    except UserError as exc:
+        raise UserError(f"bundled model '{name}' is broken: {exc} ({fix})") from None
+    if card["architecture"] != name or not card.get("sha256"):
+        what = "has no sha256" if card["architecture"] == name else f"describes '{card['architecture']}'"
+        raise UserError(f"bundled model '{name}' is broken: its card {card_path} {what} ({fix})")
+    return card
 
 
 def list_models() -> list[ModelInfo]:
@@ -99,15 +115,16 @@ def list_models() -> list[ModelInfo]:
 
 def load_pretrained(name_or_path: str | os.PathLike, device: str = "cpu"):
     """``(model, card)`` from a registered name (bundled weights) or a checkpoint path; model in eval mode."""
-    from .checkpoint import checkpoint_paths, load_weights
+    from .checkpoint import checkpoint_paths, load_weights, refuse_pickle
 
     key = str(name_or_path)
     if key in _CLASSES:
         stem = weights_dir() / key
-        weights, _ = checkpoint_paths(stem)
-        if not weights.is_file():
+        if bundled_card(key) is None:  # raises when the bundled pair is broken
+            weights, _ = checkpoint_paths(stem)
             raise UserError(f"no pretrained weights for '{key}' (expected {weights}); train them with 'unireg train'")
         return load_weights(stem, expected_name=key, device=device)
+    refuse_pickle(key)
     weights, card = checkpoint_paths(key)
     if not (weights.is_file() or card.is_file()):
         raise UserError(f"'{key}' is neither a known model ({', '.join(MODEL_NAMES)}) nor a checkpoint path")

@@ -71,8 +71,9 @@ def check_model(key: str) -> None:
 
     if key == CLASSICAL or key in MODEL_NAMES:
         return
-    from ..models.checkpoint import checkpoint_paths
+    from ..models.checkpoint import checkpoint_paths, refuse_pickle
 
+    refuse_pickle(key)
     weights, card = checkpoint_paths(key)
     if not (weights.is_file() or card.is_file()):
         raise UserError(f"unknown model {key!r}: neither a known model ({', '.join(MODEL_NAMES)}, {CLASSICAL}) "
