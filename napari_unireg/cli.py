@@ -82,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_out_dir(out: Path, overwrite: bool, names=RESULT_FILES) -> None:
-    existing = [n for n in names if (out / n).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{out} already holds results ({', '.join(existing)}); use --overwrite or another --out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+def _check_out_dir(out: Path, overwrite: bool, names=RESULT_FILES, like: str | None = None) -> None:
+    """Before any work: a folder that cannot take the results (file in the way, read-only, full, held results)
+    is refused in one line; leftovers of killed runs are cleaned. ``like``: the fixed image, whose size on disk
+    is a lower bound of the space the results need."""
+    from .result_folder import check_output_dir
+
+    need = Path(like).stat().st_size if like and Path(like).is_file() else 0
+    check_output_dir(out, overwrite=overwrite, expected_names=names, need_bytes=need)
 
 
 def _progress_printer(quiet: bool):
@@ -118,6 +120,19 @@ def _progress_printer(quiet: bool):
     return progress, bar.close
 
 
+def _with_test_pause(progress):
+    """Test-only hook: UNIREG_TEST_PAUSE_AT=registration pauses at the start of the network/optimisation stage."""
+    from .result_folder import test_pause
+
+    def wrapped(stage: str, fraction: float) -> None:
+        if stage == "inference" and fraction == 0.0:
+            test_pause("registration")
+        if progress is not None:
+            progress(stage, fraction)
+
+    return wrapped
+
+
 def run_and_write(fixed, moving, fixed_seg, moving_seg, args):
     """Register with the CLI's options and write the results into ``args.out``; returns the RegistrationResult."""
     from .engine import options_from_args, register_volumes, write_result
@@ -125,6 +140,7 @@ def run_and_write(fixed, moving, fixed_seg, moving_seg, args):
     out = Path(args.out)
     options = options_from_args(args)
     progress, close = _progress_printer(args.quiet)
+    progress = _with_test_pause(progress)
     try:
         result = register_volumes(fixed, moving, fixed_seg, moving_seg, options=options, progress=progress)
     finally:
@@ -151,7 +167,10 @@ def _summary(metrics: dict) -> str:
 def _cmd_register(args) -> int:
     from .io import load_volume
 
-    _check_out_dir(Path(args.out), args.overwrite)
+    from .result_folder import test_pause
+
+    _check_out_dir(Path(args.out), args.overwrite, like=args.fixed)
+    test_pause("load")  # test-only hook (UNIREG_TEST_PAUSE_AT=load)
     fixed = load_volume(args.fixed, kind="image")
     moving = load_volume(args.moving, kind="image")
     fixed_seg = load_volume(args.fixed_seg, kind="label") if args.fixed_seg else None
@@ -196,16 +215,26 @@ def _cmd_models(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .result_folder import WRITE_ERRNOS, exit_code, interrupt_signals, os_error_message
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with interrupt_signals():  # SIGTERM raises like SIGINT: the result folder's cleanup runs for both
+            return int(args.func(args) or 0)
     except UserError as exc:
         print(f"unireg {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"unireg {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        code = exit_code(exc)
+        print(f"unireg {args.command}: {'terminated' if code == 143 else 'interrupted'}", file=sys.stderr)
+        return code
+    except OSError as exc:  # a write outside a result folder (train's run folder): one line, not a traceback
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        print(f"unireg {args.command}: error: {os_error_message(exc, exc.filename or getattr(args, 'out', '.'))}",
+              file=sys.stderr)
+        return 2
     except MemoryError:
         print(f"unireg {args.command}: error: out of memory; try --resolution half or --device cpu", file=sys.stderr)
         return 3

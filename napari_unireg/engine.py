@@ -418,8 +418,10 @@ def write_result(
 
     from .io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_volume
 
+    from .cli import RESULT_FILES
+    from .result_folder import result_folder, test_pause
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     names = ["warped.nii.gz", "jacobian.nii.gz", "disp.nii.gz", "disp_itk.nii.gz", "metrics.json", "run.json"]
     if result.warped_seg is not None:
         names.append("warped_seg.nii.gz")
@@ -428,29 +430,26 @@ def write_result(
         raise UserError(f"output files already exist in {out}: {', '.join(clash)}; "
                         "use --overwrite or another output folder")
     disp_orig = disp_to_original_orientation(result.disp_native, fixed)
-    jobs = {
-        "warped": lambda: save_volume(result.warped, fixed, out / "warped.nii.gz", dtype=np.float32,
-                                      overwrite=overwrite),
-        "jacobian": lambda: save_volume(result.jacobian.astype(np.float32), fixed, out / "jacobian.nii.gz",
-                                        overwrite=overwrite),
-        "disp": lambda: save_disp_l2r(disp_orig, out / "disp.nii.gz", overwrite=overwrite),
-        "disp_itk": lambda: save_disp_itk(disp_orig, fixed.original_affine, out / "disp_itk.nii.gz",
-                                          overwrite=overwrite),
-    }
-    if result.warped_seg is not None:
-        jobs["warped_seg"] = lambda: save_volume(result.warped_seg, fixed, out / "warped_seg.nii.gz",
-                                                 overwrite=overwrite)
-    # gzip compression dominates and zlib releases the GIL: the files compress in parallel threads
-    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), _thread_budget()))) as pool:
-        futures = {key: pool.submit(job) for key, job in jobs.items()}
-        written = {key: fut.result() for key, fut in futures.items()}
-    for name, payload in (
-        ("metrics.json", result.metrics),
-        ("run.json", provenance(options or RegisterOptions(), result, fixed, moving)),
-    ):
-        path = out / name  # existing files were refused above, before anything was written
-        tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(json_ready(payload), indent=1))
-        os.replace(tmp, path)
-        written[name.split(".")[0]] = path
+    # Everything goes into a hidden sibling folder that replaces `out` whole at the end: `out` is always either
+    # the old complete result or the new one, and no file of an earlier run (e.g. warped_seg) survives --overwrite.
+    with result_folder(out, overwrite=overwrite, result_names=RESULT_FILES) as tmp:
+        jobs = {
+            "warped": lambda: save_volume(result.warped, fixed, tmp / "warped.nii.gz", dtype=np.float32),
+            "jacobian": lambda: save_volume(result.jacobian.astype(np.float32), fixed, tmp / "jacobian.nii.gz"),
+            "disp": lambda: save_disp_l2r(disp_orig, tmp / "disp.nii.gz"),
+            "disp_itk": lambda: save_disp_itk(disp_orig, fixed.original_affine, tmp / "disp_itk.nii.gz"),
+        }
+        if result.warped_seg is not None:
+            jobs["warped_seg"] = lambda: save_volume(result.warped_seg, fixed, tmp / "warped_seg.nii.gz")
+        # gzip compression dominates and zlib releases the GIL: the files compress in parallel threads
+        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), _thread_budget()))) as pool:
+            futures = {key: pool.submit(job) for key, job in jobs.items()}
+            written = {key: out / fut.result().name for key, fut in futures.items()}
+        test_pause("write")  # test-only hook (UNIREG_TEST_PAUSE_AT=write): a signal lands mid-write
+        for name, payload in (
+            ("metrics.json", result.metrics),
+            ("run.json", provenance(options or RegisterOptions(), result, fixed, moving)),
+        ):
+            (tmp / name).write_text(json.dumps(json_ready(payload), indent=1))
+            written[name.split(".")[0]] = out / name
     return written
