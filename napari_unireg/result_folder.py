@@ -368,7 +368,7 @@ def result_folder(
     out = Path(out)
     names = tuple(result_names)
     check_output_dir(out, overwrite=overwrite, expected_names=names)
-    swap = whole and (not out.exists() or _swappable(out, names))
+    swap = not out.exists() or (whole and _swappable(out, names))  # a new folder appears whole in any case
     try:
         if swap:
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,8 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 def _atomic_write(target: Path, write) -> None:
     """Write through a temporary file in the same folder, then ``os.replace`` (no half-written checkpoint)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    # not tempfile.mkstemp: its 0600 would stay on the renamed file; a plain open gives 0644 under the umask
+    tmp = str(target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"))
     try:
         write(tmp)
         os.replace(tmp, target)
