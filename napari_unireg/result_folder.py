@@ -48,6 +48,7 @@ __all__ = [
     "check_output_dir",
     "result_folder",
     "os_error_message",
+    "ordinary_file_mode",
     "interrupt_signals",
     "exit_code",
     "test_pause",
@@ -99,6 +100,22 @@ def _free_bytes(folder: Path) -> int | None:
     except (OSError, AttributeError):
         return None
     return st.f_bavail * st.f_frsize
+
+
+def ordinary_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 minus the umask (0o644 usually).
+
+    For files some library creates 0600 (``tempfile.mkstemp``; safetensors >= 0.5 writes through one)."""
+    try:  # Linux reports the umask without changing it (os.umask would race with other threads)
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 # ------------------------------------------------------------------------------------------------ stale leftovers
@@ -265,20 +282,16 @@ def _raise_terminated(signum, frame):
 @contextlib.contextmanager
 def interrupt_signals() -> Iterator[None]:
     """Within the block SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main thread, like SIGINT
-    does, so ``finally``/``except`` cleanup runs for both. Does nothing outside the main thread."""
+    does, so ``finally``/``except`` cleanup runs for both. SIGINT keeps Python's handler (or the SIG_IGN a shell
+    gives background jobs). Does nothing outside the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = signal.signal(signal.SIGTERM, _raise_terminated)
-    old_int = signal.getsignal(signal.SIGINT)
-    if old_int in (signal.SIG_IGN, signal.SIG_DFL, None):  # e.g. started in the background by a shell
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
-        if old_int in (signal.SIG_IGN, signal.SIG_DFL):
-            signal.signal(signal.SIGINT, old_int)
 
 
 def exit_code(exc: BaseException) -> int:
