@@ -1,7 +1,8 @@
 """``unireg``: the command line front end of the engine.
 
-Subcommands: ``register``, ``models``, ``demo``, ``figure``, ``train``. User errors print one line and exit with
-status 2; nothing is written over an existing result unless ``--overwrite`` is given.
+Subcommands: ``register``, ``models``, ``demo``, ``figure``, ``train``. User errors (a folder that cannot take the
+results included) print one line and exit with status 2; SIGINT exits 130, SIGTERM 143, each after the same
+cleanup; nothing is written over an existing result unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def _cmd_models(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .result_folder import WRITE_ERRNOS, exit_code, interrupt_signals, os_error_message
+    from .result_folder import WRITE_ERRNOS, exit_code, interrupt_signals
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a write outside a result folder (train's run folder): one line, not a traceback
         if exc.errno not in WRITE_ERRNOS:
             raise
-        print(f"unireg {args.command}: error: {os_error_message(exc, exc.filename or getattr(args, 'out', '.'))}",
+        print(f"unireg {args.command}: error: {exc.strerror}: {exc.filename or getattr(args, 'out', '')}",
               file=sys.stderr)
         return 2
     except MemoryError:

@@ -240,9 +240,7 @@ def check_output_dir(
         existing = [n for n in names if os.path.lexists(out / n)]
         if existing and not overwrite:
             raise UserError(f"{out} already holds results ({', '.join(existing)}); use --overwrite or another --out")
-        _probe(out, out)
-        if _swappable(out, names):
-            _probe(out.parent, out)  # the swap renames in the parent
+        _probe(out, out)  # (the swap also needs the parent writable; result_folder merges where it is not)
     else:
         _probe(base, out)
     free = _free_bytes(base)
@@ -253,7 +251,13 @@ def check_output_dir(
 
 def _swappable(out: Path, names: Iterable[str]) -> bool:
     """Whether ``out`` (an existing folder) is one run's result that can be replaced as a whole."""
-    return not os.path.ismount(out) and not out.is_symlink() and not _foreign(out, names) and out.resolve() != Path.cwd()
+    return (
+        not os.path.ismount(out)
+        and not out.is_symlink()
+        and os.access(out.parent, os.W_OK)  # e.g. a user's folder in a root-owned parent: merged instead
+        and out.resolve() != Path.cwd()
+        and not _foreign(out, names)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ signals

@@ -251,6 +251,18 @@ def test_killed_run_leaves_old_result_and_next_run_cleans_up(data, old_copy):
     assert snapshot(old_copy)["warped.nii.gz"][1] != before["warped.nii.gz"][1]
 
 
+def test_write_errors_outside_a_result_folder_are_one_line(monkeypatch, capsys, tmp_path):
+    """The CLI's last net (train writes its run folder as it goes): an OSError of the write kind is one line."""
+    from napari_unireg import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "log.csv"))
+
+    monkeypatch.setattr(cli, "_cmd_models", full)
+    assert cli.main(["models"]) == 2
+    assert one_line(capsys.readouterr().err.splitlines(), "models").endswith(f"No space left on device: {tmp_path}/log.csv")
+
+
 # ------------------------------------------------------------------------------------------------ figure and train
 def test_figure_out_under_a_regular_file(data, old_result, tmp_path):
     (tmp_path / "file").write_text("x")

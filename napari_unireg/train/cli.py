@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
     command = getattr(args, "command_line", None) or shlex.join(["unireg", *sys.argv[1:]])
     check_output_dir(args.out, overwrite=True, expected_names=())  # file in the way, read-only: before any work
-    created = not Path(args.out).exists()
+    created = not Path(args.out).exists() and int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(cfg, args.out, resume=args.resume, command=command)
     except BaseException:  # a run that failed before writing anything leaves no empty --out folder behind
