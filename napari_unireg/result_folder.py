@@ -94,6 +94,13 @@ def os_error_message(exc: OSError, folder: str | os.PathLike) -> str:
     return f"cannot write in {folder}: {reason}"
 
 
+def _human(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def _free_bytes(folder: Path) -> int | None:
     try:
         st = os.statvfs(folder)
@@ -245,8 +252,8 @@ def check_output_dir(
         _probe(base, out)
     free = _free_bytes(base)
     if need_bytes and free is not None and free < need_bytes:
-        raise UserError(f"not enough space for the results in {out}: {free / 1e6:.1f} MB free, "
-                        f"about {need_bytes / 1e6:.1f} MB needed; free space or use another --out")
+        raise UserError(f"not enough space for the results in {out}: {_human(free)} free, at least "
+                        f"{_human(need_bytes)} needed; free space or use another --out")
 
 
 def _swappable(out: Path, names: Iterable[str]) -> bool:
@@ -386,6 +393,8 @@ def result_folder(
     names = tuple(result_names)
     check_output_dir(out, overwrite=overwrite, expected_names=names)
     swap = not out.exists() or (whole and _swappable(out, names))  # a new folder appears whole in any case
+    made = [p for p in (out.parent, *out.parent.parents) if not os.path.lexists(p)]  # deepest first
+    committed = False
     try:
         if swap:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -406,8 +415,14 @@ def result_folder(
                     _commit_swap(tmp, out)
                 else:
                     _commit_merge(tmp, out, names if whole else ())
+            committed = True
         except OSError as exc:
             raise UserError(os_error_message(exc, out)) from None
     finally:
         if os.path.lexists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        for p in made if not committed else ():  # a failed run leaves no empty parent folders either
+            try:
+                os.rmdir(p)
+            except OSError:
+                break

@@ -15,6 +15,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,8 @@ def unireg(*args, pause: str | None = None, sig: int | None = None, timeout: flo
     """
     env = _env(UNIREG_TEST_PAUSE_AT=pause, UNIREG_TEST_PAUSE_S="120") if pause else _env()
     proc = subprocess.Popen([sys.executable, "-m", "napari_unireg.cli", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: os.umask(0o022))
     early = []
     if pause:
         for line in proc.stderr:  # wait for the pause, then signal
@@ -83,6 +85,8 @@ def hidden(parent: Path) -> list[str]:
 def assert_complete_new(out: Path, with_labels: bool) -> None:
     expected = ALL_RESULTS | ({"warped_seg.nii.gz"} if with_labels else set())
     assert {p.name for p in out.iterdir()} == expected
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # ordinary modes, not tempfile's 0700/0600
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
     for p in out.iterdir():  # every file readable by an independent reader
         if p.suffix == ".gz":
             assert np.isfinite(nib.load(p).get_fdata()).all()

@@ -115,7 +115,7 @@ def test_any_exception_leaves_the_old_result_untouched(tmp_path, exc):
 
 
 def test_a_failed_first_run_leaves_no_folder(tmp_path):
-    out = tmp_path / "new"
+    out = tmp_path / "new" / "parents" / "out"
     with pytest.raises(KeyboardInterrupt):
         with result_folder(out, result_names=NAMES) as tmp:
             (tmp / "warped.nii.gz").write_bytes(b"half")
