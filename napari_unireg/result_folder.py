@@ -112,7 +112,7 @@ def _free_bytes(folder: Path) -> int | None:
 def ordinary_file_mode() -> int:
     """The mode a plain ``open(path, "w")`` gives a new file: 0o666 minus the umask (0o644 usually).
 
-    For files some library creates 0600 (``tempfile.mkstemp``; safetensors >= 0.5 writes through one)."""
+    For files a library creates 0600 (``tempfile.mkstemp``; safetensors 0.8 writes its files 0600)."""
     try:  # Linux reports the umask without changing it (os.umask would race with other threads)
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:

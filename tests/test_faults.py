@@ -228,7 +228,7 @@ def test_disk_full_while_writing_patched(data, old_copy, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------------ signals
 @pytest.mark.parametrize(
-    "stage", ["load", pytest.param("registration", marks=pytest.mark.slow), pytest.param("write", marks=pytest.mark.slow)]
+    "stage", ["load", *(pytest.param(s, marks=pytest.mark.slow) for s in ("registration", "write"))]
 )
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_signal_at_each_stage_keeps_the_old_result(data, old_copy, stage, sig, code, word):
@@ -264,7 +264,8 @@ def test_write_errors_outside_a_result_folder_are_one_line(monkeypatch, capsys, 
 
     monkeypatch.setattr(cli, "_cmd_models", full)
     assert cli.main(["models"]) == 2
-    assert one_line(capsys.readouterr().err.splitlines(), "models").endswith(f"No space left on device: {tmp_path}/log.csv")
+    line = one_line(capsys.readouterr().err.splitlines(), "models")
+    assert line.endswith(f"No space left on device: {tmp_path}/log.csv")
 
 
 # ------------------------------------------------------------------------------------------------ figure and train
