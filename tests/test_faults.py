@@ -114,11 +114,13 @@ def register_args(data, out, labels=False):
 
 @pytest.fixture(scope="module")
 def old_result(data, tmp_path_factory) -> Path:
-    """A complete earlier result with labels (warped_seg.nii.gz among its files)."""
+    """An earlier result folder: every result name (warped_seg.nii.gz included) with distinct bytes. The
+    invariants compare bytes and mtimes only, so a real run is not needed here (the SIGKILL test makes one)."""
     out = tmp_path_factory.mktemp("old") / "out"
-    rc, lines, _ = unireg(*register_args(data, out, labels=True))
-    assert rc == 0, lines
-    assert_complete_new(out, with_labels=True)
+    out.mkdir()
+    for i, name in enumerate(sorted(ALL_RESULTS | {"warped_seg.nii.gz"})):
+        src = data["fseg"] if "seg" in name else data["fixed"]
+        (out / name).write_bytes(src.read_bytes() + bytes([i]) if name.endswith(".gz") else b'{"old": %d}' % i)
     return out
 
 
@@ -244,6 +246,9 @@ def test_signal_at_each_stage_keeps_the_old_result(data, old_copy, stage, sig, c
 def test_killed_run_leaves_old_result_and_next_run_cleans_up(data, old_copy):
     """SIGKILL (no cleanup possible) mid-write; the next run with --overwrite and without labels removes the
     leftover and the old run's warped_seg.nii.gz (issue 15, items 2 and 3)."""
+    rc, lines, _ = unireg(*register_args(data, old_copy, labels=True), "--overwrite")  # a real run with labels
+    assert rc == 0, lines
+    assert_complete_new(old_copy, with_labels=True)
     before = snapshot(old_copy)
     rc, _, _ = unireg(*register_args(data, old_copy), "--overwrite", pause="write", sig=signal.SIGKILL)
     assert rc == -signal.SIGKILL
@@ -282,6 +287,7 @@ def test_train_out_under_a_regular_file(tmp_path):
     assert rc == 2 and "file is a file, not a folder" in one_line(lines, "train")
 
 
+@pytest.mark.slow  # imports torch and the training stack: ~8 s on a loaded 2-core machine
 def test_failed_train_leaves_no_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     rc, lines, _ = unireg("train", "--model", "voxelmorph", "--data", tmp_path / "empty", "--out", tmp_path / "run")
