@@ -129,6 +129,8 @@ def ordinary_file_mode() -> int:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():  # a folder named after this very process is a leftover of an earlier one (pid reuse)
         return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: never judge other pids
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
