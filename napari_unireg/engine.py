@@ -412,13 +412,13 @@ def write_result(
     result: RegistrationResult, fixed, out, *, overwrite: bool = False, options: RegisterOptions | None = None,
     moving=None,
 ) -> dict[str, Path]:
-    """Write the results into ``out`` (created): images in the fixed file's own voxel order and header."""
+    """Write the results into ``out`` (created) as one unit (:mod:`~napari_unireg.result_folder`): images in the
+    fixed file's own voxel order and header. An OSError while writing is a one-line UserError."""
     import json
     from concurrent.futures import ThreadPoolExecutor
 
-    from .io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_volume
-
     from .cli import RESULT_FILES
+    from .io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_volume
     from .result_folder import result_folder, test_pause
 
     out = Path(out)
@@ -442,9 +442,12 @@ def write_result(
         if result.warped_seg is not None:
             jobs["warped_seg"] = lambda: save_volume(result.warped_seg, fixed, tmp / "warped_seg.nii.gz")
         # gzip compression dominates and zlib releases the GIL: the files compress in parallel threads
-        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), _thread_budget()))) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, min(len(jobs), _thread_budget())))
+        try:
             futures = {key: pool.submit(job) for key, job in jobs.items()}
             written = {key: out / fut.result().name for key, fut in futures.items()}
+        finally:  # on Ctrl-C/SIGTERM or a failed file the files not yet started are not written at all
+            pool.shutdown(wait=True, cancel_futures=True)
         test_pause("write")  # test-only hook (UNIREG_TEST_PAUSE_AT=write): a signal lands mid-write
         for name, payload in (
             ("metrics.json", result.metrics),
