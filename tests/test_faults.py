@@ -294,3 +294,30 @@ def test_failed_train_leaves_no_empty_folder(tmp_path):
     assert rc == 2
     one_line(lines, "train")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # matplotlib draws three panels
+def test_figure_rerun_replaces_its_files_and_keeps_the_others(data, tmp_path):
+    """`figure` collects many runs in one folder: a rerun with --overwrite replaces its own files through a hidden
+    folder, leaves other figures alone and leaves nothing hidden behind."""
+    disp = tmp_path / "zero.npy"
+    np.save(disp, np.zeros((3, *SHAPE), np.float32))
+    figs = tmp_path / "figs"
+    args = ["figure", "--fixed", data["fixed"], "--moving", data["moving"], "--disp", f"zero={disp}",
+            "--axis", "2", "--dpi", "20", "--out", figs]
+    rc, lines, out = unireg(*args)
+    assert rc == 0, lines
+    (mine,) = [Path(p) for p in out.split()]
+    assert mine.parent == figs and mine.read_bytes().startswith(b"\x89PNG")
+    (figs / "other.png").write_bytes(b"another figure")
+    before = snapshot(figs)
+    rc, lines, _ = unireg(*args)
+    assert rc == 2 and "already holds" in one_line(lines, "figure")
+    assert snapshot(figs) == before
+    rc, lines, _ = unireg(*args, "--overwrite")
+    assert rc == 0, lines
+    after = snapshot(figs)
+    assert after.keys() == before.keys() and after["other.png"] == before["other.png"]
+    assert after[mine.name][1] != before[mine.name][1]
+    assert hidden(figs) == [] and hidden(tmp_path) == []
+    assert {stat.S_IMODE(p.stat().st_mode) for p in figs.iterdir() if p.name != "other.png"} == {0o644}
