@@ -25,16 +25,16 @@ def options_from_args(args):
     )
 
 
-def check_out_dir(out: Path, overwrite: bool, names=None) -> None:
-    """Refuse (before any work) an output folder that holds results, unless ``overwrite``; or that is a file."""
+def check_out_dir(out: Path, overwrite: bool, names=None, like: str | None = None) -> None:
+    """Before any work: a folder that cannot take the results (a file in the way, read-only, full, holding
+    results without ``overwrite``) is refused in one line; leftovers of killed runs are cleaned. ``like``: the
+    fixed image, whose size on disk is a lower bound of the space the results need."""
+    from ..io.result_folder import check_output_dir
     from ..pipeline.write import RESULT_FILES
 
     names = RESULT_FILES.values() if names is None else names
-    existing = [n for n in names if (out / n).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{out} already holds results ({', '.join(existing)}); use --overwrite or another --out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    need = Path(like).stat().st_size if like and Path(like).is_file() else 0
+    check_output_dir(out, overwrite=overwrite, expected_names=names, need_bytes=need)
 
 
 def _progress_printer(quiet: bool):
@@ -66,6 +66,19 @@ def _progress_printer(quiet: bool):
     return progress, bar.close
 
 
+def _with_test_pause(progress):
+    """Test-only hook: UNIREG_TEST_PAUSE_AT=registration pauses at the start of the network/optimisation stage."""
+    from ..io.result_folder import test_pause
+
+    def wrapped(stage: str, fraction: float) -> None:
+        if stage == "inference" and fraction == 0.0:
+            test_pause("registration")
+        if progress is not None:
+            progress(stage, fraction)
+
+    return wrapped
+
+
 def run_and_write(fixed, moving, fixed_seg, moving_seg, args):
     """Register with the CLI's options and write the results into ``args.out``; returns the RegistrationResult."""
     from ..pipeline import register_volumes, write_result
@@ -73,6 +86,7 @@ def run_and_write(fixed, moving, fixed_seg, moving_seg, args):
     out = Path(args.out)
     options = options_from_args(args)
     progress, close = _progress_printer(args.quiet)
+    progress = _with_test_pause(progress)
     try:
         result = register_volumes(fixed, moving, fixed_seg, moving_seg, options=options, progress=progress)
     finally:
@@ -111,11 +125,13 @@ def parse_outputs(text: str | None):
 
 def cmd_register(args) -> int:
     from ..io import load_volume
+    from ..io.result_folder import test_pause
     from ..pipeline import validate_options
 
     args.outputs = parse_outputs(getattr(args, "outputs", None))
     validate_options(options_from_args(args))  # every option before any file is read
-    check_out_dir(Path(args.out), args.overwrite)
+    check_out_dir(Path(args.out), args.overwrite, like=args.fixed)
+    test_pause("load")  # test-only hook (UNIREG_TEST_PAUSE_AT=load)
     fixed = load_volume(args.fixed, kind="image")
     moving = load_volume(args.moving, kind="image")
     fixed_seg = load_volume(args.fixed_seg, kind="label") if args.fixed_seg else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,12 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 def _atomic_write(target: Path, write) -> None:
     """Write through a temporary file in the same folder, then ``os.replace`` (no half-written checkpoint)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    from ..io.result_folder import ordinary_file_mode
+
+    tmp = str(target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"))
     try:
         write(tmp)
+        os.chmod(tmp, ordinary_file_mode())  # safetensors writes 0600 (through mkstemp): give 0644 like the rest
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

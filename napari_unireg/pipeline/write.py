@@ -103,9 +103,10 @@ def write_result(
 
     from ..io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_volume
 
+    from ..io.result_folder import result_folder, test_pause
+
     wanted = check_outputs(outputs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     names = [RESULT_FILES[k] for k in wanted if k != "warped_seg" or result.warped_seg is not None]
     names.append(RESULT_FILES["run"])
     clash = [n for n in names if (out / n).exists()]
@@ -113,30 +114,30 @@ def write_result(
         raise UserError(f"output files already exist in {out}: {', '.join(clash)}; "
                         "use --overwrite or another output folder")
     disp_orig = disp_to_original_orientation(result.disp_native, fixed) if {"disp", "disp_itk"} & set(wanted) else None
-    jobs = {
-        "warped": lambda: save_volume(result.warped, fixed, out / "warped.nii.gz", dtype=np.float32,
-                                      overwrite=overwrite),
-        "jacobian": lambda: save_volume(result.jacobian.astype(np.float32), fixed, out / "jacobian.nii.gz",
-                                        overwrite=overwrite),
-        "disp": lambda: save_disp_l2r(disp_orig, out / "disp.nii.gz", overwrite=overwrite),
-        "disp_itk": lambda: save_disp_itk(disp_orig, fixed.original_affine, out / "disp_itk.nii.gz",
-                                          overwrite=overwrite),
-    }
-    if result.warped_seg is not None:
-        jobs["warped_seg"] = lambda: save_volume(result.warped_seg, fixed, out / "warped_seg.nii.gz",
-                                                 overwrite=overwrite)
-    jobs = {k: job for k, job in jobs.items() if k in wanted}
-    # gzip compression dominates and zlib releases the GIL: the files compress in parallel threads
-    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), _thread_budget()))) as pool:
-        futures = {key: pool.submit(job) for key, job in jobs.items()}
-        written = {key: fut.result() for key, fut in futures.items()}
-    texts = [("run.json", provenance(options or RegisterOptions(), result, fixed, moving))]
-    if "metrics" in wanted:
-        texts.insert(0, ("metrics.json", result.metrics))
-    for name, payload in texts:
-        path = out / name  # existing files were refused above, before anything was written
-        tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(json_ready(payload), indent=1))
-        os.replace(tmp, path)
-        written[name.split(".")[0]] = path
+    # Everything goes into a hidden sibling folder that replaces `out` whole at the end: `out` is always either
+    # the old complete result or the new one, and no file of an earlier run (e.g. warped_seg) survives --overwrite.
+    with result_folder(out, overwrite=overwrite, result_names=RESULT_FILES.values()) as tmp:
+        jobs = {
+            "warped": lambda: save_volume(result.warped, fixed, tmp / "warped.nii.gz", dtype=np.float32),
+            "jacobian": lambda: save_volume(result.jacobian.astype(np.float32), fixed, tmp / "jacobian.nii.gz"),
+            "disp": lambda: save_disp_l2r(disp_orig, tmp / "disp.nii.gz"),
+            "disp_itk": lambda: save_disp_itk(disp_orig, fixed.original_affine, tmp / "disp_itk.nii.gz"),
+        }
+        if result.warped_seg is not None:
+            jobs["warped_seg"] = lambda: save_volume(result.warped_seg, fixed, tmp / "warped_seg.nii.gz")
+        jobs = {k: job for k, job in jobs.items() if k in wanted}
+        # gzip compression dominates and zlib releases the GIL: the files compress in parallel threads
+        pool = ThreadPoolExecutor(max_workers=max(1, min(len(jobs), _thread_budget())))
+        try:
+            futures = {key: pool.submit(job) for key, job in jobs.items()}
+            written = {key: out / fut.result().name for key, fut in futures.items()}
+        finally:  # on Ctrl-C/SIGTERM or a failed file the files not yet started are not written at all
+            pool.shutdown(wait=True, cancel_futures=True)
+        test_pause("write")  # test-only hook (UNIREG_TEST_PAUSE_AT=write): a signal lands mid-write
+        texts = [("run.json", provenance(options or RegisterOptions(), result, fixed, moving))]
+        if "metrics" in wanted:
+            texts.insert(0, ("metrics.json", result.metrics))
+        for name, payload in texts:
+            (tmp / name).write_text(json.dumps(json_ready(payload), indent=1))
+            written[name.split(".")[0]] = out / name
     return written

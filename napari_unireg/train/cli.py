@@ -136,8 +136,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from .loop import train
 
+    from ..io.result_folder import check_output_dir
+
     command = getattr(args, "command_line", None) or shlex.join(["unireg", *sys.argv[1:]])
-    result = train(cfg, args.out, resume=args.resume, command=command)
+    check_output_dir(args.out, overwrite=True, expected_names=())  # file in the way, read-only: before any work
+    created = not Path(args.out).exists() and int(os.environ.get("RANK", "0")) == 0
+    try:
+        result = train(cfg, args.out, resume=args.resume, command=command)
+    except BaseException:  # a run that failed before writing anything leaves no empty --out folder behind
+        if created and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()
+        raise
     if int(os.environ.get("RANK", "0")) != 0:
         return 130 if result.interrupted else 0
     if result.interrupted:

@@ -156,6 +156,9 @@ def run(args) -> int:
         raise UserError("--models needs at least one model name")
     if args.dpi <= 0:
         raise UserError("--dpi must be positive")
+    from ..io.result_folder import check_output_dir, result_folder
+
+    check_output_dir(args.out, overwrite=True, expected_names=())  # writable? (existing figures: refused below)
 
     fixed = load_volume(args.fixed, kind="image")
     moving = load_volume(args.moving, kind="image")
@@ -192,17 +195,20 @@ def run(args) -> int:
     moving_data = on_fixed_grid(moving, fixed, order=1)
     moving_seg_data = on_fixed_grid(moving_seg, fixed, order=0) if moving_seg is not None else None
     written = []
-    for axis, index in zip(axes, slices):
-        fig = comparison_figure(
-            fixed.data, moving_data, methods,
-            fixed_seg=fixed_seg.data if fixed_seg is not None else None, moving_seg=moving_seg_data,
-            axis=axis, slice_index=index, rows=args.rows, spacing=spacing,
-            fixed_id=fixed_id, moving_id=moving_id,
-            convention="neurological" if args.neurological else "radiological",
-            scale_bar_mm=args.scale_bar,
-        )
-        written += save_figure(fig, args.out, formats=args.formats, dpi=args.dpi, overwrite=args.overwrite)
-        del fig
+    names = [p.name for paths in targets for p in paths]
+    # figures go into a hidden folder first and are moved in together: an interrupted or failed run adds nothing
+    with result_folder(args.out, overwrite=args.overwrite, result_names=names, whole=False) as tmp:
+        for axis, index in zip(axes, slices):
+            fig = comparison_figure(
+                fixed.data, moving_data, methods,
+                fixed_seg=fixed_seg.data if fixed_seg is not None else None, moving_seg=moving_seg_data,
+                axis=axis, slice_index=index, rows=args.rows, spacing=spacing,
+                fixed_id=fixed_id, moving_id=moving_id,
+                convention="neurological" if args.neurological else "radiological",
+                scale_bar_mm=args.scale_bar,
+            )
+            written += [Path(args.out) / p.name for p in save_figure(fig, tmp, formats=args.formats, dpi=args.dpi)]
+            del fig
     for p in written:
         print(p)
     return 0

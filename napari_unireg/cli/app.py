@@ -1,5 +1,8 @@
 """``unireg``: the argument parser and the dispatch of the sub-commands (each in its own module).
 
+User errors (a folder that cannot take the results included) print one line and exit with status 2; SIGINT exits
+130, SIGTERM 143, each after the same cleanup; nothing is written over an existing result unless ``--overwrite``.
+
 Subcommands: ``register``, ``models``, ``demo``, ``figure``, ``train``. User errors print one line and exit with
 status 2; nothing is written over an existing result unless ``--overwrite`` is given.
 """
@@ -112,18 +115,28 @@ def _cmd_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     import time
 
+    from ..io.result_folder import WRITE_ERRNOS, exit_code, interrupt_signals
+
     t_start = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.t_start = t_start
     try:
-        return int(args.func(args) or 0)
+        with interrupt_signals():  # SIGTERM raises like SIGINT: the result folder's cleanup runs for both
+            return int(args.func(args) or 0)
     except UserError as exc:
         print(f"unireg {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"unireg {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        code = exit_code(exc)
+        print(f"unireg {args.command}: {'terminated' if code == 143 else 'interrupted'}", file=sys.stderr)
+        return code
+    except OSError as exc:  # a write outside a result folder (train's run folder): one line, not a traceback
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        print(f"unireg {args.command}: error: {exc.strerror}: {exc.filename or getattr(args, 'out', '')}",
+              file=sys.stderr)
+        return 2
     except MemoryError:
         print(f"unireg {args.command}: error: out of memory; try --resolution half or --device cpu", file=sys.stderr)
         return 3
