@@ -47,9 +47,10 @@ NONE = "(none)"
 REUSABLE_KINDS = ("warped", "warped labels")
 ROLES = ("fixed", "moving")
 #: share of the overall progress bar of each engine stage (refinement only counts when asked for)
-STAGE_WEIGHTS = {"load": 5, "prealign": 10, "inference": 45, "refinement": 25, "metrics": 15, "write": 0}
+STAGE_WEIGHTS = {"load": 5, "skullstrip": 10, "prealign": 10, "inference": 45, "refinement": 25, "metrics": 15, "write": 0}
 STAGE_TEXT = {
     "load": "loading the model and the images",
+    "skullstrip": "brain extraction",
     "prealign": "affine pre-alignment",
     "inference": "deformable registration",
     "refinement": "instance-optimisation refinement",
@@ -191,6 +192,10 @@ class RegisterWidget(QWidget):
         self.chk_prealign = QCheckBox("affine pre-alignment")
         self.chk_prealign.setChecked(True)
         self.chk_prealign.setToolTip("Align the moving image affinely first (needed unless both are in MNI space)")
+        self.chk_skullstrip = QCheckBox("brain extraction (auto)")
+        self.chk_skullstrip.setChecked(True)
+        self.chk_skullstrip.setToolTip("Extract the brain (deepbet) of an image that still has its skull before "
+                                       "registering; already brain-extracted images are left as they are")
         self.cmb_resolution = QComboBox()
         self.cmb_resolution.addItems(["auto", "full", "half"])
         self.cmb_resolution.setToolTip("auto: the model card's; half: 4x less memory and time, coarser field")
@@ -219,6 +224,7 @@ class RegisterWidget(QWidget):
         form.addRow("model", self.cmb_model)
         form.addRow("device", self.cmb_device)
         form.addRow("", self.chk_prealign)
+        form.addRow("", self.chk_skullstrip)
         form.addRow("resolution", self.cmb_resolution)
         form.addRow("refinement steps", self.spin_steps)
         buttons = QHBoxLayout()
@@ -421,6 +427,7 @@ class RegisterWidget(QWidget):
             model=self.cmb_model.currentData() or "default",
             device=self.cmb_device.currentData() or "auto",
             prealign="affine" if self.chk_prealign.isChecked() else "none",
+            skull_strip="auto" if self.chk_skullstrip.isChecked() else "off",
             resolution=self.cmb_resolution.currentText(),
             io_steps=int(self.spin_steps.value()),
             **self.extra_options,

@@ -106,6 +106,16 @@ def build(
                 "labels",
             )
         ]
+    if kind == "brain mask":  # the fixed image's brain, when brain extraction ran on it (hidden at first)
+        if res.brain_mask_fixed is None:
+            return []
+        return [
+            (
+                np.asarray(res.brain_mask_fixed),
+                {"name": run.layer_name(kind), "affine": run.affine, "metadata": _meta(run, kind), "opacity": 0.4},
+                "labels",
+            )
+        ]
     if kind == "difference":
         diff = L.difference(res.warped, run.fixed)
         return [_image(run, kind, diff, colormap="coolwarm", contrast_limits=L.DIFFERENCE_RANGE)]

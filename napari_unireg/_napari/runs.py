@@ -28,11 +28,12 @@ KINDS = (
     "contours",
     "checkerboard",
     "flicker",
+    "brain mask",
 )
 #: Kinds the Register widget adds when a run finishes, bottom to top (the others are one click away in Inspect):
 #: the four overlays the product promises (warped image, deformation grid, Jacobian with folding marked, label
 #: contours) plus the warped label map the contours and metrics come from ...
-DEFAULT_KINDS = ("warped", "warped labels", "jacobian", "folding", "grid", "contours")
+DEFAULT_KINDS = ("warped", "warped labels", "jacobian", "folding", "grid", "contours", "brain mask")
 #: ... of which these start visible: the warped image with thin grid lines and 1-pixel label outlines over it
 #: (anatomy stays readable), folded voxels marked; the Jacobian colour map (semi-transparent) and the filled
 #: warped labels are an eye-click or an Inspect tick away.

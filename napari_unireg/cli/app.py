@@ -22,13 +22,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prealign", choices=["affine", "none"], default="affine", help="affine pre-alignment of moving")
     p.add_argument("--resolution", choices=["auto", "full", "half"], default="auto",
                    help="network input resolution; auto = the resolution the model was trained at")
+    p.add_argument("--skull-strip", choices=["auto", "on", "off"], default="auto",
+                   help="brain extraction before registration (deepbet, extra [skullstrip]): auto = only images that "
+                        "still have a skull (what was decided is printed), on = always, off = never")
     p.add_argument("--io-steps", type=int, default=0, help="instance-optimisation refinement steps after the network")
     p.add_argument("--grid", type=int, nargs=3, default=(160, 224, 192), metavar=("X", "Y", "Z"),
                    help="model grid in 1 mm voxels, each ≥ 32 and a multiple of 8 "
                         "(default: the Learn2Reg box 160 224 192)")
     p.add_argument("--outputs", default=None, metavar="LIST",
                    help="comma-separated results to write (default all): "
-                        "warped,disp,disp_itk,jacobian,warped_seg,metrics; run.json is always written")
+                        "warped,disp,disp_itk,jacobian,warped_seg,brain_mask_fixed,warped_head,metrics "
+                        "(the last three of these only when labels / brain extraction give them); run.json always")
     p.add_argument("--out", default="unireg_out", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -48,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("register", help="register a moving volume to a fixed volume (NIfTI)",
                        description="Register MOVING to FIXED and write warped.nii.gz, disp.nii.gz (Learn2Reg "
                        "convention on the fixed grid), disp_itk.nii.gz (ITK/ANTs, LPS mm), jacobian.nii.gz, "
-                       "warped_seg.nii.gz (with --moving-seg) and metrics.json.")
+                       "warped_seg.nii.gz (with --moving-seg), brain_mask_fixed.nii.gz and warped_head.nii.gz "
+                       "(when a brain was extracted) and metrics.json.")
     p.add_argument("fixed", help="fixed image (.nii / .nii.gz)")
     p.add_argument("moving", help="moving image (.nii / .nii.gz)")
     p.add_argument("--fixed-seg", default=None, help="label map of the fixed image (for Dice/HD95)")

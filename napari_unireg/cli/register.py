@@ -22,6 +22,7 @@ def options_from_args(args):
         io_steps=int(getattr(args, "io_steps", 0) or 0),
         grid_shape=tuple(int(v) for v in getattr(args, "grid", (160, 224, 192))),
         metrics=outputs is None or "metrics" in outputs,
+        skull_strip=getattr(args, "skull_strip", "auto"),
     )
 
 
@@ -136,7 +137,11 @@ def cmd_register(args) -> int:
     moving = load_volume(args.moving, kind="image")
     fixed_seg = load_volume(args.fixed_seg, kind="label") if args.fixed_seg else None
     moving_seg = load_volume(args.moving_seg, kind="label") if args.moving_seg else None
+    if fixed_seg is not None and moving_seg is None:
+        print("note: --fixed-seg is ignored without --moving-seg (no Dice/HD95 to compute)", file=sys.stderr)
     result = run_and_write(fixed, moving, fixed_seg, moving_seg, args)
+    for line in result.metrics.get("skull_strip", []):
+        print(f"brain extraction: {line}", file=sys.stderr)
     print(summary(result.metrics, wall=time.perf_counter() - getattr(args, "t_start", time.perf_counter())))
     print(f"results in {Path(args.out).resolve()}")
     return 0

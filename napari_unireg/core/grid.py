@@ -85,6 +85,12 @@ class Grid:
         """The sub/super grid whose voxel ``q`` is this grid's voxel ``q + start`` (crop/pad)."""
         return Grid(tuple(shape), self.affine @ translation(start))
 
+    def world_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(lo, hi)``: the world bounding box (mm) of the voxel centres."""
+        corners = np.array(np.meshgrid(*[[0, n - 1] for n in self.shape], indexing="ij")).reshape(3, -1).T
+        w = self.world(corners)
+        return w.min(axis=0), w.max(axis=0)
+
     def world(self, index: np.ndarray) -> np.ndarray:
         """World coordinates of voxel indices ``N×3``."""
         index = np.asarray(index, dtype=np.float64)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "Terminated",

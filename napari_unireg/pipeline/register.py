@@ -60,6 +60,17 @@ def validate_options(options: RegisterOptions) -> RegisterOptions:
     if len(grid) != 3 or any(int(s) != s or s < GRID_MIN or s % GRID_MULTIPLE for s in grid):
         raise UserError(f"model grid {grid}: give three sizes, each at least {GRID_MIN} and a multiple of "
                         f"{GRID_MULTIPLE} (default {' '.join(map(str, MODEL_SHAPE))})")
+    from .skullstrip import SKULL_STRIP_MODES
+
+    if options.skull_strip not in SKULL_STRIP_MODES:
+        raise UserError(f"unknown skull stripping {options.skull_strip!r}: use {', '.join(SKULL_STRIP_MODES)}")
+    if options.skull_strip == "on":  # auto finds out per image after loading; "on" can fail before any work
+        import importlib.util
+
+        from .skullstrip import MISSING_MESSAGE
+
+        if importlib.util.find_spec("deepbet") is None:
+            raise UserError(MISSING_MESSAGE)
     if options.checkpoint is not None and not options.checkpoint:
         raise UserError("--checkpoint needs a file name")
     check_model(model_key(options.model, options.checkpoint))
@@ -83,8 +94,9 @@ def register_volumes(
     ``should_stop()`` is polled between steps and raises :class:`Cancelled` when it returns True.
     """
     options = validate_options(options or RegisterOptions())
-    inputs = stages.Inputs(fixed, moving, fixed_seg, moving_seg)
-    stages.check_inputs(inputs)
+    stages.check_inputs(stages.Inputs(fixed, moving, fixed_seg, moving_seg))
+    if options.prealign == "none":
+        stages.check_overlap(stages.Inputs(fixed, moving, fixed_seg, moving_seg))
 
     def reporter(stage: str):
         def report(fraction: float) -> None:
@@ -108,6 +120,17 @@ def register_volumes(
     reporter("load")(0.0)
     model = load_model(options.model, options.checkpoint, device)
     lap("model")
+    stripped = None
+    if options.skull_strip != "off":
+        from .skullstrip import skull_strip_stage
+
+        report = reporter("skullstrip")
+        report(0.0)
+        stripped = skull_strip_stage(fixed, moving, options.skull_strip, device)
+        report(1.0)
+        lap("skullstrip")
+    inputs = stages.Inputs(stripped.fixed if stripped else fixed, stripped.moving if stripped else moving,
+                           fixed_seg, moving_seg)
     report = reporter("prealign")
     if options.prealign != "none":
         report(0.0)
@@ -147,6 +170,11 @@ def register_volumes(
         report(1.0)
         lap("metrics")
     native = stages.native_grid(on_grid, disp_model, inverse_model, inputs)
+    warped_head = None
+    if stripped is not None and stripped.moving is not moving:  # the head as given, through the same field
+        from .skullstrip import warp_with_field
+
+        warped_head = warp_with_field(moving, fixed, native.disp)
     lap("native")
     seconds["total"] = time.perf_counter() - t_start
     metrics.update(
@@ -157,6 +185,8 @@ def register_volumes(
         prealign=options.prealign,
         io_steps=options.io_steps,
     )
+    if stripped is not None:
+        metrics["skull_strip"] = list(stripped.messages)
     return RegistrationResult(
         disp_model=disp_model,
         disp_native=native.disp,
@@ -170,4 +200,6 @@ def register_volumes(
         device=str(device),
         seconds=seconds,
         weights_trained=bool(model.trained),
+        brain_mask_fixed=None if stripped is None or stripped.fixed_mask is None else stripped.fixed_mask.data,
+        warped_head=warped_head,
     )

@@ -259,6 +259,10 @@ class SkullStripResult(NamedTuple):
 def _strip_one(volume, role: str, mode: str, device: Any) -> tuple[Any, Any, str]:
     if mode == "off":
         return volume, None, f"{role}: skull stripping off"
+    if mode == "auto":  # a phantom or a cropped patch is no head: never send it to the extractor unasked
+        ml = _head_foreground_ml(volume.data, volume.affine)
+        if ml < MIN_BRAIN_ML:
+            return volume, None, f"{role}: {ml:.0f} ml of foreground, too small for a brain or head: left as is"
     done, reason = looks_brain_extracted(volume.data, volume.affine)
     if mode == "auto" and done:
         return volume, None, f"{role}: already brain-extracted ({reason})"
@@ -303,14 +307,9 @@ def warp_with_field(moving, fixed, disp_native: np.ndarray, *, order: int = 1) -
     (images), 0 nearest (labels). Returns an ``X×Y×Z`` array on the fixed grid (float32, or the labels' dtype),
     0 outside the moving image.
     """
-    from scipy.ndimage import map_coordinates
+    from .stages import pull
 
     d = np.asarray(disp_native, dtype=np.float64)
     if d.shape != (3, *fixed.shape):
         raise UserError(f"displacement field {d.shape} does not match the fixed grid (3, {fixed.shape})")
-    coords = np.indices(fixed.shape, dtype=np.float64) + d
-    to_vox = np.linalg.inv(moving.affine) @ fixed.affine  # fixed voxel -> moving voxel (world coordinates)
-    coords = np.einsum("ij,j...->i...", to_vox[:3, :3], coords) + to_vox[:3, 3][:, None, None, None]
-    data = moving.data if order == 1 else moving.data.astype(np.float32)
-    out = map_coordinates(data, coords, order=order, mode="constant", cval=0.0, prefilter=False)
-    return out.astype(moving.data.dtype) if order == 0 else out.astype(np.float32)
+    return pull(moving, fixed, np.indices(fixed.shape, dtype=np.float64) + d, order=order)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import Cancelled, UserError
@@ -90,6 +92,12 @@ class NativeOutputs:
     inverse: np.ndarray | None
 
 
+def _called(vol) -> str:
+    """How a message names a volume: its file name when it came from a file, else its layer/volume name."""
+    path = getattr(vol, "path", None)
+    return Path(path).name if path else str(vol.name)
+
+
 def check_inputs(inputs: Inputs) -> None:
     """:class:`UserError` for a missing image, an image given as labels (or the reverse), a label map off its
     image's grid."""
@@ -98,6 +106,12 @@ def check_inputs(inputs: Inputs) -> None:
             raise UserError(f"no {role} given")
         if vol.is_label:
             raise UserError(f"the {role} ({vol.name}) is a label map; give an intensity image")
+    for vol in (inputs.fixed, inputs.moving):
+        n = int(np.count_nonzero(np.asarray(vol.data) > 0))
+        if n == 0:
+            raise UserError(f"{_called(vol)}: no voxel above 0 (empty, or only negative values): nothing to register")
+        if n < max(100, vol.data.size // 10000):  # a brain has 10^5-10^6 voxels; this is a few stray ones
+            raise UserError(f"{_called(vol)} has only {n} voxels above 0: nearly empty, nothing to register")
     for seg, img, role in ((inputs.fixed_seg, inputs.fixed, "fixed"), (inputs.moving_seg, inputs.moving, "moving")):
         if seg is None:
             continue
@@ -108,6 +122,18 @@ def check_inputs(inputs: Inputs) -> None:
                 f"the {role} label map {seg.name} {seg.shape} is not on the grid of the {role} image "
                 f"{img.name} {img.shape}"
             )
+
+
+def check_overlap(inputs: Inputs) -> None:
+    """Without pre-alignment the images must share world space: :class:`UserError` naming both files when their
+    boxes do not intersect (a header off by hundreds of mm, or images of different scanners' origins)."""
+    (flo, fhi), (mlo, mhi) = inputs.fixed.grid.world_box(), inputs.moving.grid.world_box()
+    if np.all(np.maximum(flo, mlo) <= np.minimum(fhi, mhi)):
+        return
+    gap = float(np.linalg.norm((flo + fhi) / 2 - (mlo + mhi) / 2))
+    raise UserError(f"{_called(inputs.moving)} does not overlap {_called(inputs.fixed)} in world space (box centres "
+                    f"{gap:.0f} mm apart) and --prealign none keeps it there; use --prealign affine or correct "
+                    "the header")
 
 
 def prealign(inputs: Inputs, method: str, report: Report, should_stop=None) -> np.ndarray | None:
@@ -202,8 +228,6 @@ def native_grid(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None,
     Jacobian determinant."""
     from ..core.grid import apply_affine_field
     from ..core.metrics import jacobian_determinant
-    from ..core.resample import sample_points
-
     fixed = inputs.fixed
     v = grid.mapping.field_to_native(disp)  # native voxels, without the pre-alignment
     ident = np.indices(fixed.shape, dtype=np.float64)
@@ -213,14 +237,8 @@ def native_grid(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None,
     disp_native = (fixed_coords - ident).astype(np.float32)
     del ident
 
-    def sample(vol, order):
-        coords = apply_affine_field(fixed.grid.voxel_map(vol.grid), fixed_coords)  # -> this volume's voxels
-        data = vol.data if order == 1 else vol.data.astype(np.float32)
-        out = sample_points(data, coords, order=order, outside="fill")
-        return out.astype(vol.data.dtype) if order == 0 else out.astype(np.float32)
-
-    warped = sample(inputs.moving, 1)
-    warped_seg = sample(inputs.moving_seg, 0) if inputs.moving_seg is not None else None
+    warped = pull(inputs.moving, fixed, fixed_coords, order=1)
+    warped_seg = pull(inputs.moving_seg, fixed, fixed_coords, order=0) if inputs.moving_seg is not None else None
     return NativeOutputs(
         disp=disp_native,
         warped=warped,
@@ -228,3 +246,16 @@ def native_grid(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None,
         jacobian=jacobian_determinant(disp_native),
         inverse=None if inverse is None else grid.mapping.field_to_native(inverse),
     )
+
+
+def pull(volume, fixed, fixed_coords: np.ndarray, *, order: int) -> np.ndarray:
+    """``volume`` (any grid) sampled at ``fixed_coords`` (``3×X×Y×Z`` fixed voxel coordinates of the moving world
+    points, i.e. identity + ``disp_native``), by world coordinates: float32 for ``order`` 1, the labels' dtype for
+    ``order`` 0; 0 outside ``volume``."""
+    from ..core.grid import apply_affine_field
+    from ..core.resample import sample_points
+
+    coords = apply_affine_field(fixed.grid.voxel_map(volume.grid), fixed_coords)  # -> this volume's voxels
+    data = volume.data if order == 1 else volume.data.astype(np.float32)
+    out = sample_points(data, coords, order=order, outside="fill")
+    return out.astype(volume.data.dtype) if order == 0 else out.astype(np.float32)

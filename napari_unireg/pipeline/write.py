@@ -28,6 +28,8 @@ RESULT_FILES = {
     "disp_itk": "disp_itk.nii.gz",
     "jacobian": "jacobian.nii.gz",
     "warped_seg": "warped_seg.nii.gz",
+    "brain_mask_fixed": "brain_mask_fixed.nii.gz",
+    "warped_head": "warped_head.nii.gz",
     "metrics": "metrics.json",
     "run": "run.json",
 }
@@ -100,6 +102,7 @@ def write_result(
     """
     import json
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
 
     from ..io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_volume
 
@@ -107,7 +110,7 @@ def write_result(
 
     wanted = check_outputs(outputs)
     out = Path(out)
-    names = [RESULT_FILES[k] for k in wanted if k != "warped_seg" or result.warped_seg is not None]
+    names = [RESULT_FILES[k] for k in wanted if getattr(result, k, True) is not None]
     names.append(RESULT_FILES["run"])
     clash = [n for n in names if (out / n).exists()]
     if clash and not overwrite:  # refuse before writing anything, so a refused run leaves the folder as it was
@@ -123,8 +126,10 @@ def write_result(
             "disp": lambda: save_disp_l2r(disp_orig, tmp / "disp.nii.gz"),
             "disp_itk": lambda: save_disp_itk(disp_orig, fixed.original_affine, tmp / "disp_itk.nii.gz"),
         }
-        if result.warped_seg is not None:
-            jobs["warped_seg"] = lambda: save_volume(result.warped_seg, fixed, tmp / "warped_seg.nii.gz")
+        for key in ("warped_seg", "brain_mask_fixed", "warped_head"):  # only where the run produced them
+            array = getattr(result, key)
+            if array is not None:
+                jobs[key] = partial(save_volume, array, fixed, tmp / RESULT_FILES[key])
         jobs = {k: job for k, job in jobs.items() if k in wanted}
         # gzip compression dominates and zlib releases the GIL: the files compress in parallel threads
         pool = ThreadPoolExecutor(max_workers=max(1, min(len(jobs), _thread_budget())))
