@@ -110,7 +110,6 @@ def test_all_negative_image_names_the_file(tmp_path, pair, capsys):
     assert "negative.nii.gz" in line and "above 0" in line, line
 
 
-@engine_v2("`train --resume` in a folder without a run says 'no training data'")
 def test_train_resume_without_a_run_says_there_is_no_run(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -141,7 +140,6 @@ def test_fixed_labels_alone_are_announced(tmp_path, pair, capsys, recwarn):
     assert "--moving-seg" in text, text
 
 
-@engine_v2("a 4D file holding one volume is accepted silently")
 def test_a_4d_file_with_one_volume_is_announced(tmp_path, pair, capsys, recwarn):
     moving = _save(tmp_path / "one4d.nii.gz", _brain(seed=2)[..., None])
     rc, _, text = _run(["register", pair["fixed"], moving, "--prealign", "none", "--out", tmp_path / "o", *SMALL],

@@ -341,3 +341,33 @@ def test_deepbet_on_the_icbm_head_matches_the_template_mask(shared_data):
     m = mask > 0
     dice = 2 * np.count_nonzero(m & ref) / (np.count_nonzero(m) + np.count_nonzero(ref))
     assert dice >= 0.9, dice
+
+
+# ------------------------------------------------------------------------------------ the CLI on a raw head
+@pytest.mark.slow
+def test_register_a_raw_head_to_a_brain_extracts_only_the_head(shared_data, tmp_path, capsys):
+    """`unireg register` with the default --skull-strip auto: the ICBM head (with skull) onto a brain-extracted
+    subject. auto must extract the moving head only, say so, register the brains and also write the full head
+    through the same field; read back with nibabel."""
+    import nibabel as nib
+
+    from napari_unireg.cli import main
+
+    pytest.importorskip("deepbet")
+    head = shared_data / "templates" / "icbm2009c_sym_t1.nii.gz"
+    brain = shared_data / "native" / "UNIREG_0001_brain.nii.gz"
+    out = tmp_path / "out"
+    rc = main(["register", str(brain), str(head), "--out", str(out), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "fixed: already brain-extracted" in err and "moving: skull found" in err, err
+    assert not (out / "brain_mask_fixed.nii.gz").exists()  # nothing was extracted from the fixed brain
+    warped = np.asarray(nib.load(out / "warped.nii.gz").dataobj)
+    warped_head = np.asarray(nib.load(out / "warped_head.nii.gz").dataobj)
+    fixed = np.asarray(nib.load(brain).dataobj)
+    assert warped.shape == warped_head.shape == fixed.shape
+    outside = fixed == 0  # outside the fixed brain: the head keeps its scalp, the extracted brain is (nearly) empty
+    assert np.count_nonzero(warped_head[outside] > 0.05 * warped_head.max()) > 5 * np.count_nonzero(
+        warped[outside] > 0.05 * warped.max())
+    inside = ~outside
+    assert np.corrcoef(warped[inside], fixed[inside])[0, 1] > 0.6  # the brains were registered onto each other

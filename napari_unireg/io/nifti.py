@@ -268,6 +268,8 @@ def volume_from_array(
 
     # Shape: exactly 3 spatial dimensions; trailing singleton dimensions (X×Y×Z×1) are accepted.
     if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
+        if data.ndim == 4:  # a one-volume 4D series is common (fMRI tools, converters): accept it, but say so
+            warnings.warn(f"{name}: 4D file with one volume, used as 3D", stacklevel=2)
         data = data.reshape(data.shape[:3])
     if data.ndim < 3:
         raise UserError(f"{name} is {data.ndim}D (shape {original_shape}); a 3D volume is needed")

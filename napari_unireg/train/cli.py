@@ -105,6 +105,8 @@ def resolve_config(args: argparse.Namespace):
 
     overrides = _flag_overrides(args) + [parse_override(s) for s in args.set]
     saved = Path(args.out) / "config.yaml"
+    if args.resume and not (Path(args.out) / "last.pt").is_file():  # before any data is looked for
+        raise UserError(f"nothing to resume in {args.out} (no last.pt of an earlier run); start without --resume")
     if args.resume and saved.is_file() and (Path(args.out) / "last.pt").is_file():
         try:
             base = yaml.safe_load(saved.read_text()) or {}
