@@ -42,6 +42,7 @@ KIND_LABELS = {
     "contours": "label contours",
     "checkerboard": "checkerboard",
     "flicker": "flicker",
+    "brain mask": "brain mask (fixed)",
 }
 KIND_TIPS = {
     "warped": "The moving image resampled onto the fixed grid",
@@ -55,6 +56,7 @@ KIND_TIPS = {
     "contours": "Fixed label outlines (green) over warped moving label outlines (magenta)",
     "checkerboard": "Tiles alternating between the fixed and the warped image",
     "flicker": "One layer alternating between the fixed and the warped image",
+    "brain mask": "The fixed image's brain as found by brain extraction (only when it ran on the fixed image)",
 }
 
 
