@@ -539,3 +539,35 @@ def test_first_hour_demo_with_the_default_network(make_napari_viewer, qtbot):
     [jac2] = insp.show_kind("jacobian", True)
     assert jac2 is jac and jac.visible
     _save_window(viewer, "first_hour_inspect_jacobian.png")
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_register_widget_extracts_the_brain_of_a_raw_head(make_napari_viewer, qtbot, shared_data):
+    """A raw head with skull (ICBM 2009c) as the moving image, a brain-extracted subject as the fixed one, the
+    widget's defaults (brain extraction auto): the head's brain is extracted, the fixed brain is left alone (no
+    brain-mask layer), and the warped brain lies on the fixed brain (correlation recomputed from the layers)."""
+    pytest.importorskip("deepbet")
+    from napari_unireg._napari.register_widget import RegisterWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(shared_data / "native" / "UNIREG_0001_brain.nii.gz"), plugin="napari-unireg")
+    viewer.open(str(shared_data / "templates" / "icbm2009c_sym_t1.nii.gz"), plugin="napari-unireg")
+    w = RegisterWidget(viewer)
+    fixed, moving, _, _ = w.inputs()
+    assert (fixed.name, moving.name) == ("UNIREG_0001_brain", "icbm2009c_sym_t1")  # the older one is fixed
+    assert w.options().skull_strip == "auto"
+    outcomes = []
+    w.finished.connect(lambda status, payload: outcomes.append((status, payload)))
+    assert w.run() is not None
+    qtbot.waitUntil(lambda: not w.busy, timeout=600_000)
+    assert outcomes and outcomes[0][0] == "ok", outcomes
+    run = outcomes[0][1]
+    said = " | ".join(run.result.metrics["skull_strip"])
+    assert "fixed: already brain-extracted" in said and "moving: skull found" in said, said
+    assert run.result.brain_mask_fixed is None and run.result.warped_head is not None
+    assert not [lay for lay in viewer.layers if lay.name.startswith("brain mask")]
+    warped = next(lay for lay in viewer.layers if lay.name.startswith("warped ["))
+    f = np.asarray(fixed.data, dtype=np.float64)
+    inside = f > 0
+    assert np.corrcoef(np.asarray(warped.data, dtype=np.float64)[inside], f[inside])[0, 1] > 0.6
