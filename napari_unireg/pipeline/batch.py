@@ -485,32 +485,55 @@ def run_batch(
         _write_csv(own, [rows[i] for i, _ in mine])
 
     flush()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unireg-read") as reader:
+    def write(result, fixed, moving, folder: Path) -> float:
+        t = time.perf_counter()
+        write_result(result, fixed, folder, overwrite=True, options=options, moving=moving, outputs=wanted)
+        return time.perf_counter() - t
+
+    def finish(k: int, i: int, row: dict, writing) -> None:
+        """Complete pair ``k``'s row (waiting for its folder to be written), save the summary, report."""
+        if writing is not None:
+            try:
+                row["seconds"] += writing.result()
+                row.update(status="ok", error="")
+            except Exception as exc:  # noqa: BLE001
+                row.update({key: None for key in METRIC_KEYS}, status="failed", error=_one_line(exc))
+        row["seconds"] = round(row["seconds"], 3)
+        rows[i] = row
+        flush()
+        if on_pair is not None:
+            on_pair(row, k + 1, len(todo))
+
+    # Three overlapping streams: the next pair is read, the current one registered, the previous one written
+    # (gzip and the file system release the GIL). One worker each keeps the order and bounds the memory.
+    with ThreadPoolExecutor(1, thread_name_prefix="unireg-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="unireg-write") as writer:
         nxt = reader.submit(_load_pair, todo[0][1]) if todo else None
+        writing_prev = None
         for k, (i, pair) in enumerate(todo):
             current = nxt
             nxt = reader.submit(_load_pair, todo[k + 1][1]) if k + 1 < len(todo) else None
             row = {"pair": pair.id, "fixed": pair.fixed, "moving": pair.moving}
             t = time.perf_counter()
+            writing = None
             try:
                 fixed, moving, fseg, mseg = current.result()
                 result = register_volumes(fixed, moving, fseg, mseg, options=options)
-                write_result(result, fixed, out / pair.id, overwrite=True, options=options, moving=moving,
-                             outputs=wanted)
-                row.update(status="ok", error="", **{key: result.metrics.get(key) for key in METRIC_KEYS})
-                report.ran += 1
+                writing = writer.submit(write, result, fixed, moving, out / pair.id)
+                row.update({key: result.metrics.get(key) for key in METRIC_KEYS})
             except Exception as exc:  # noqa: BLE001 (one bad pair must not end the cohort; KeyboardInterrupt does)
                 row.update(status="failed", error=_one_line(exc))
-                report.failed += 1
             finally:
-                del current
-            row["seconds"] = round(time.perf_counter() - t, 3)
-            rows[i] = row
-            flush()
-            if on_pair is not None:
-                on_pair(row, k + 1, len(todo))
+                current = result = None
+            row["seconds"] = time.perf_counter() - t  # + its write time, added by finish()
+            if writing_prev is not None:
+                finish(*writing_prev)
+            writing_prev = (k, i, row, writing)
+        if writing_prev is not None:
+            finish(*writing_prev)
+    report.ran = sum(rows[i].get("status") == "ok" for i, _ in todo)
     report.rows = [rows[i] for i, _ in mine]
-    report.failed = sum(r.get("status") == "failed" for r in report.rows)
+    report.failed = sum(r.get("status") != "ok" for r in report.rows)
     report.summary = own
     if ranks.world > 1:
         marker.write_text(json.dumps({"token": ranks.token, "rank": ranks.rank}))
