@@ -8,6 +8,7 @@ pre-alignment, no brain extraction and ``--outputs warped,disp`` (no metrics). R
 * ``whole call``: N / the process's wall time (Python, torch and the model start-up included);
 * ``steady``: (N - 1) / the time between the first and the last pair folder appearing (the rate a long cohort
   approaches);
+* the CPU seconds of the process per pair, and the rate that bounds on an idle machine (cores × 60 / CPU s);
 * the per-pair seconds of summary.csv (registration + writing; reading overlaps the previous pair), and the
   1-minute load average before and after (the machine may be shared).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = usage.ru_utime + usage.ru_stime
         load_after = os.getloadavg()[0]
         if proc.returncode != 0:
             print(proc.stdout, proc.stderr, file=sys.stderr)
@@ -85,6 +89,8 @@ def main(argv=None) -> int:
         print(f"steady:     {steady:.1f} pairs/min (first to last pair folder)")
         print(f"per pair:   median {statistics.median(seconds):.2f} s, min {min(seconds):.2f} s, "
               f"max {max(seconds):.2f} s (registration + write)")
+        print(f"CPU time:   {cpu:.1f} s = {cpu / args.n:.1f} CPU s per pair (start-up included); an idle machine "
+              f"with {os.cpu_count()} cores could do at most {60 * (os.cpu_count() or 1) / (cpu / args.n):.1f} pairs/min")
         print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
         print(proc.stdout.strip().splitlines()[-1])
     finally:
