@@ -89,8 +89,9 @@ def main(argv=None) -> int:
         print(f"steady:     {steady:.1f} pairs/min (first to last pair folder)")
         print(f"per pair:   median {statistics.median(seconds):.2f} s, min {min(seconds):.2f} s, "
               f"max {max(seconds):.2f} s (registration + write)")
+        bound = 60 * (os.cpu_count() or 1) / (cpu / args.n)
         print(f"CPU time:   {cpu:.1f} s = {cpu / args.n:.1f} CPU s per pair (start-up included); an idle machine "
-              f"with {os.cpu_count()} cores could do at most {60 * (os.cpu_count() or 1) / (cpu / args.n):.1f} pairs/min")
+              f"with {os.cpu_count()} cores could do at most {bound:.1f} pairs/min")
         print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
         print(proc.stdout.strip().splitlines()[-1])
     finally:

@@ -86,6 +86,29 @@ def test_csv_list_paths_relative_to_its_folder_header_optional(cohort):
     assert with_header[2].moving_seg == str((cohort / "seg" / "s03.nii.gz").resolve())
 
 
+def test_csv_header_names_the_columns(cohort):
+    from napari_unireg.pipeline.batch import read_pairs
+
+    path = cohort / "named.csv"
+    path.write_text("fixed_image,moving_image\nimg/s01.nii.gz,img/s00.nii.gz\n")
+    assert read_pairs(path)[0].id == "s01__s00"
+    path.write_text("fixed,moving,extra\na.nii.gz,b.nii.gz,c\n")
+    with pytest.raises(Exception, match="header columns"):
+        read_pairs(path)
+
+
+def test_ranks_from_torchrun_environment():
+    from napari_unireg.errors import UserError
+    from napari_unireg.pipeline.batch import Ranks
+
+    r = Ranks.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "job7"})
+    assert (r.rank, r.world, r.local_rank, r.token) == (3, 4, 1, "job7")
+    assert Ranks.from_env({}).world == 1 and Ranks.from_env({}).device("cpu") == "cpu"
+    assert Ranks.from_env({"RANK": "0", "WORLD_SIZE": "2"}).token == f"ppid{os.getppid()}"  # static launch
+    with pytest.raises(UserError, match="WORLD_SIZE"):
+        Ranks.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
 def test_dataset_json_pair_lists_and_label_maps(tmp_path):
     """A Learn2Reg layout: ids are the subject numbers, label maps from 'training' or labelsXx/ beside imagesXx/."""
     from napari_unireg.pipeline.batch import read_pairs
@@ -96,12 +119,13 @@ def test_dataset_json_pair_lists_and_label_maps(tmp_path):
         for sub in ("imagesTr", "labelsTr"):
             (tmp_path / sub / f"TASK_{k:04d}_0000.nii.gz").write_bytes(b"")
     (tmp_path / "imagesTs" / "TASK_0010_0000.nii.gz").write_bytes(b"")
+    def image(k, sub="imagesTr"):
+        return f"./{sub}/TASK_{k:04d}_0000.nii.gz"
+
     meta = {
-        "training": [{"image": f"./imagesTr/TASK_{k:04d}_0000.nii.gz", "label": f"./labelsTr/TASK_{k:04d}_0000.nii.gz"}
-                     for k in (1, 2)],
-        "registration_val": [{"fixed": "./imagesTr/TASK_0001_0000.nii.gz", "moving": "./imagesTr/TASK_0002_0000.nii.gz"},
-                             {"fixed": "./imagesTr/TASK_0003_0000.nii.gz", "moving": "./imagesTr/TASK_0001_0000.nii.gz"}],
-        "registration_test": [{"fixed": "./imagesTs/TASK_0010_0000.nii.gz", "moving": "./imagesTr/TASK_0001_0000.nii.gz"}],
+        "training": [{"image": image(k), "label": image(k, "labelsTr")} for k in (1, 2)],
+        "registration_val": [{"fixed": image(1), "moving": image(2)}, {"fixed": image(3), "moving": image(1)}],
+        "registration_test": [{"fixed": image(10, "imagesTs"), "moving": image(1)}],
     }
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     every = read_pairs(tmp_path / "dataset.json")

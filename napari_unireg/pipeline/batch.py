@@ -101,11 +101,12 @@ def pairs_from_csv(path: str | os.PathLike) -> list[Pair]:
     columns = ["fixed", "moving", "fixed_seg", "moving_seg"]
     first = [c.strip().lower() for c in next(csv.reader([lines[0][1]], delimiter=delimiter))]
     if first and first[0] in ("fixed", "fixed_image"):
-        unknown = [c for c in first if c not in columns and c != "fixed_image"]
-        if unknown or "moving" not in first:
+        named = [c.replace("_image", "") for c in first]  # fixed_image,moving_image also name the columns
+        unknown = [c for c in named if c not in columns]
+        if unknown or "moving" not in named:
             raise UserError(f"{path.name} line {lines[0][0]}: header columns must be {','.join(columns)}, got "
                             f"{','.join(first)}")
-        columns = ["fixed" if c == "fixed_image" else c for c in first]
+        columns = named
         lines = lines[1:]
     root = path.parent
     pairs = []
