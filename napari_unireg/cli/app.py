@@ -54,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "convention on the fixed grid), disp_itk.nii.gz (ITK/ANTs, LPS mm), jacobian.nii.gz, "
                        "warped_seg.nii.gz (with --moving-seg), brain_mask_fixed.nii.gz and warped_head.nii.gz "
                        "(when a brain was extracted) and metrics.json.")
-    p.add_argument("fixed", help="fixed image (.nii / .nii.gz)")
-    p.add_argument("moving", help="moving image (.nii / .nii.gz)")
+    p.add_argument("fixed", nargs="?", help="fixed image (.nii / .nii.gz)")
+    p.add_argument("moving", nargs="?", help="moving image (.nii / .nii.gz)")
+    from .batch import add_batch_arguments
+
+    add_batch_arguments(p)
     p.add_argument("--fixed-seg", default=None, help="label map of the fixed image (for Dice/HD95)")
     p.add_argument("--moving-seg", default=None, help="label map of the moving image (warped with nearest neighbour)")
     _add_run_options(p)
@@ -78,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_register(args) -> int:
+    from .batch import cmd_batch, is_batch
     from .register import cmd_register
+
+    if is_batch(args):
+        return cmd_batch(args)
+    if not (args.fixed and args.moving):
+        raise UserError("give FIXED and MOVING, or --pairs FILE, or --fixed TEMPLATE --moving-dir DIR")
 
     return cmd_register(args)
 
