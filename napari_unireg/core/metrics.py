@@ -48,6 +48,8 @@ __all__ = [
 # Slab thickness (along axis 0) of the chunked Jacobian/NDV computations: bounds the float64 temporaries to a
 # few tens of MB on a 160×224×192 grid.
 _SLAB = 16
+# Thickness of the NDV sub-slabs: ~0.5 MB float64 temporaries on a 160×224×192 grid (fit a core's L2 cache).
+_SUBSLAB = 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,9 +131,17 @@ def warp_labels_nearest(labels: Any, disp: Any) -> np.ndarray:
     u = _as_disp(disp)
     if lab.shape != u.shape[1:]:
         raise UserError(f"label map {tuple(lab.shape)} and displacement grid {tuple(u.shape[1:])} differ")
-    coords = np.indices(lab.shape, dtype=np.float64)
-    coords += u
-    return sample_points(lab, coords, order=0, outside="fill")
+    # slabs along axis 0: the float64 coordinates of a slab stay small (cache) instead of 3×8 bytes per voxel;
+    # each position is the same float64 sum ``p + u(p)`` as with one full coordinate array
+    out = np.empty(lab.shape, dtype=lab.dtype)
+    n0 = lab.shape[0]
+    for s in range(0, n0, _SLAB // 4):
+        e = min(s + _SLAB // 4, n0)
+        coords = np.indices((e - s, *lab.shape[1:]), dtype=np.float64)
+        coords[0] += s
+        coords += u[:, s:e]
+        out[s:e] = sample_points(lab, coords, order=0, outside="fill")
+    return out
 
 
 def dice_per_label(
@@ -238,12 +248,22 @@ def hd95_per_label(
             slice(max(min(a.start, b.start) - margin, 0), min(max(a.stop, b.stop) + margin, n))
             for a, b, n in zip(bf[lab], bw[lab], f.shape)
         )
-        pa = np.argwhere(_surface(f[crop] == lab)) * spacing
-        pb = np.argwhere(_surface(w[crop] == lab)) * spacing
-        # unbalanced, uncompacted trees build 3x faster and query as fast on voxel grids
-        d_ab, _ = cKDTree(pb, balanced_tree=False, compact_nodes=False).query(pa, k=1, workers=-1)
-        d_ba, _ = cKDTree(pa, balanced_tree=False, compact_nodes=False).query(pb, k=1, workers=-1)
-        out[lab] = float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
+        sa = _surface(f[crop] == lab)
+        sb = _surface(w[crop] == lab)
+        shared = sa & sb
+        n_shared = int(np.count_nonzero(shared))
+        pa = np.argwhere(sa) * spacing
+        pb = np.argwhere(sb) * spacing
+        # A voxel on both surfaces is at distance exactly 0 (what the query would return), so only the others
+        # are queried; a percentile does not depend on the order of its values. Unbalanced, uncompacted trees
+        # build 3x faster and query as fast on voxel grids.
+        qa = np.argwhere(sa & ~shared) * spacing
+        qb = np.argwhere(sb & ~shared) * spacing
+        d_ab, _ = cKDTree(pb, balanced_tree=False, compact_nodes=False).query(qa, k=1, workers=-1)
+        d_ba, _ = cKDTree(pa, balanced_tree=False, compact_nodes=False).query(qb, k=1, workers=-1)
+        zeros = np.zeros(n_shared)
+        out[lab] = float(max(np.percentile(np.concatenate([zeros, d_ab]), 95),
+                             np.percentile(np.concatenate([zeros, d_ba]), 95)))
     return out
 
 
@@ -372,7 +392,8 @@ def _ndv_slab(u: np.ndarray, s: int, e: int, box: tuple[int, int, int, int] | No
     def diff(off: tuple[int, int, int], base: tuple[int, int, int] = (0, 0, 0)) -> list[np.ndarray]:
         """Components of ``T(p+off) − T(p+base)`` with ``T = id + u``."""
         d = at(*off) - at(*base)
-        return [d[c] + (off[c] - base[c]) for c in range(3)]
+        # adding 0 is skipped: it changes no value (at most the sign of a zero, which no sum below sees)
+        return [d[c] + (off[c] - base[c]) if off[c] != base[c] else d[c] for c in range(3)]
 
     unit = [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
     neg = [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]
@@ -443,7 +464,12 @@ def ndv(disp: Any, mask: Any = None) -> float:
         msl = m[s - 1 : e - 1]
         if not msl.any():
             continue
-        neg = sum(np.maximum(-j, 0.0) for j in _ndv_slab(u, s, e, box).values())
+        # The determinants are computed on thin sub-slabs whose temporaries stay in the CPU cache (~3× faster);
+        # the sum still runs over the whole slab, so the value is bitwise the same as with one pass per slab.
+        neg = np.empty((e - s, box[1] - box[0], box[3] - box[2]), dtype=np.float64)
+        for t in range(s, e, _SUBSLAB):
+            te = min(t + _SUBSLAB, e)
+            neg[t - s : te - s] = sum(np.maximum(-j, 0.0) for j in _ndv_slab(u, t, te, box).values())
         total += float(neg[msl].sum())
     return total / 12.0 / n_mask * 100.0
 
