@@ -284,13 +284,14 @@ def _det3(m00, m01, m02, m10, m11, m12, m20, m21, m22):
 
 def _central_jacobian_cropped(u: np.ndarray) -> np.ndarray:
     """``det(I + ∇u)`` with central differences at the voxels ``[2:-2]^3`` (there the zero padding of the
-    Learn2Reg convention is never read, so plain slicing is exact). Computed in slabs to bound memory."""
+    Learn2Reg convention is never read, so plain slicing is exact). Computed in thin slabs whose temporaries
+    stay in the CPU cache (each voxel's value does not depend on the slab)."""
     _, n0, n1, n2 = u.shape
     out = np.empty((max(n0 - 4, 0), max(n1 - 4, 0), max(n2 - 4, 0)), dtype=np.float64)
     if out.size == 0:
         return out
-    for s in range(2, n0 - 2, _SLAB):
-        e = min(s + _SLAB, n0 - 2)
+    for s in range(2, n0 - 2, _SUBSLAB):
+        e = min(s + _SUBSLAB, n0 - 2)
         g = [[None] * 3 for _ in range(3)]  # g[c][a] = d u_c / d x_a (+1 on the diagonal)
         for c in range(3):
             uc = u[c]
