@@ -62,8 +62,10 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _as_disp(disp: Any) -> np.ndarray:
-    """``3×D0×D1×D2`` float64 displacement from ``3×S``, ``1×3×S`` or channel-last ``S×3``."""
+def _as_disp(disp: Any, dtype=np.float64) -> np.ndarray:
+    """``3×D0×D1×D2`` float64 displacement from ``3×S``, ``1×3×S`` or channel-last ``S×3``.
+
+    ``dtype=None`` keeps a float32 field as it is (callers that convert slab by slab, to save memory)."""
     u = _to_numpy(disp)
     if u.ndim == 5 and u.shape[0] == 1:
         u = u[0]
@@ -71,6 +73,8 @@ def _as_disp(disp: Any) -> np.ndarray:
         u = np.moveaxis(u, -1, 0)
     if u.ndim != 4 or u.shape[0] != 3:
         raise UserError(f"displacement must be 3×D0×D1×D2 (or D0×D1×D2×3), got shape {tuple(u.shape)}")
+    if dtype is None and u.dtype in (np.float32, np.float64):
+        return u
     return np.asarray(u, dtype=np.float64)
 
 
@@ -293,11 +297,13 @@ def _central_jacobian_cropped(u: np.ndarray) -> np.ndarray:
     for s in range(2, n0 - 2, _SUBSLAB):
         e = min(s + _SUBSLAB, n0 - 2)
         g = [[None] * 3 for _ in range(3)]  # g[c][a] = d u_c / d x_a (+1 on the diagonal)
+        # float64 rows s-1..e of a float32 field: the same values as converting the whole field first
+        ub = np.asarray(u[:, s - 1 : e + 1], dtype=np.float64)
         for c in range(3):
-            uc = u[c]
-            g[c][0] = 0.5 * (uc[s + 1 : e + 1, 2 : n1 - 2, 2 : n2 - 2] - uc[s - 1 : e - 1, 2 : n1 - 2, 2 : n2 - 2])
-            g[c][1] = 0.5 * (uc[s:e, 3 : n1 - 1, 2 : n2 - 2] - uc[s:e, 1 : n1 - 3, 2 : n2 - 2])
-            g[c][2] = 0.5 * (uc[s:e, 2 : n1 - 2, 3 : n2 - 1] - uc[s:e, 2 : n1 - 2, 1 : n2 - 3])
+            uc = ub[c]  # row r of uc is row s - 1 + r of u
+            g[c][0] = 0.5 * (uc[2:, 2 : n1 - 2, 2 : n2 - 2] - uc[:-2, 2 : n1 - 2, 2 : n2 - 2])
+            g[c][1] = 0.5 * (uc[1:-1, 3 : n1 - 1, 2 : n2 - 2] - uc[1:-1, 1 : n1 - 3, 2 : n2 - 2])
+            g[c][2] = 0.5 * (uc[1:-1, 2 : n1 - 2, 3 : n2 - 1] - uc[1:-1, 2 : n1 - 2, 1 : n2 - 3])
             g[c][c] = g[c][c] + 1.0
         out[s - 2 : e - 2] = _det3(*g[0], *g[1], *g[2])
     return out
@@ -309,7 +315,7 @@ def jacobian_determinant(disp: Any) -> np.ndarray:
     Kernel ``[-0.5, 0, 0.5]`` with zero padding (Learn2Reg); the 2-voxel border, where the padding biases the
     value, is set to 1 (neutral, for display). Statistics use the cropped interior.
     """
-    u = _as_disp(disp)
+    u = _as_disp(disp, dtype=None)  # converted slab by slab: no float64 copy of a large field
     jac = np.ones(u.shape[1:], dtype=np.float64)
     inner = _central_jacobian_cropped(u)
     if inner.size:

@@ -222,23 +222,59 @@ def metrics(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None) -> 
     return out
 
 
+#: Voxels per slab of the native-grid stage: bounds its float64 coordinate temporaries (~24 bytes a voxel per
+#: array) to ~100 MB whatever the fixed image's size.
+NATIVE_SLAB_VOXELS = 4_000_000
+
+
+def native_slabs(shape) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges along axis 0 covering ``shape`` in slabs of ≤ ``NATIVE_SLAB_VOXELS``."""
+    rows = max(1, NATIVE_SLAB_VOXELS // max(1, int(shape[1]) * int(shape[2])))
+    return [(s, min(s + rows, int(shape[0]))) for s in range(0, int(shape[0]), rows)]
+
+
+def _field_rows(mapping: GridMapping, disp: np.ndarray, rows: tuple[int, int]) -> np.ndarray:
+    """Rows ``start:stop`` (native axis 0) of ``mapping.field_to_native(disp)``, bitwise the same values."""
+    from ..core.resample import sample_separable
+
+    if mapping.is_identity:
+        return np.array(disp[:, rows[0]:rows[1]], dtype=np.float32)
+    sampled = sample_separable(np.moveaxis(np.asarray(disp, dtype=np.float32), 0, -1), mapping.scale,
+                               mapping.offset, mapping.native_shape, order=1, outside="border", rows=rows)
+    v = np.moveaxis(sampled, -1, 0) / mapping.scale.reshape(3, 1, 1, 1).astype(np.float32)
+    return np.ascontiguousarray(v, dtype=np.float32)
+
+
 def native_grid(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None, inputs: Inputs) -> NativeOutputs:
     """Fixed-grid outputs: the Learn2Reg field w.r.t. the moving image placed on the fixed grid by world
     coordinates (pre-alignment folded in), the moving image/labels sampled once from their own grid, the
-    Jacobian determinant."""
+    Jacobian determinant.
+
+    Streamed in slabs along axis 0 (:func:`native_slabs`): every voxel's value is computed exactly as for the
+    whole grid, while the temporaries stay ~100 MB (a 0.5 mm fixed image would need GBs of float64
+    coordinates at once)."""
     from ..core.grid import apply_affine_field
     from ..core.metrics import jacobian_determinant
-    fixed = inputs.fixed
-    v = grid.mapping.field_to_native(disp)  # native voxels, without the pre-alignment
-    ident = np.indices(fixed.shape, dtype=np.float64)
-    # pre-aligned fixed voxel -> fixed voxel of the moving world point
-    fixed_coords = apply_affine_field(fixed.grid.voxel_map(fixed.grid, grid.matrix), ident + v)
-    del v
-    disp_native = (fixed_coords - ident).astype(np.float32)
-    del ident
 
-    warped = pull(inputs.moving, fixed, fixed_coords, order=1)
-    warped_seg = pull(inputs.moving_seg, fixed, fixed_coords, order=0) if inputs.moving_seg is not None else None
+    fixed = inputs.fixed
+    shape = tuple(fixed.shape)
+    to_fixed = fixed.grid.voxel_map(fixed.grid, grid.matrix)  # pre-aligned fixed voxel -> fixed voxel
+    disp_native = np.empty((3, *shape), dtype=np.float32)
+    warped = np.empty(shape, dtype=np.float32)
+    seg = inputs.moving_seg
+    warped_seg = np.empty(shape, dtype=seg.data.dtype) if seg is not None else None
+    for rows in native_slabs(shape):
+        v = _field_rows(grid.mapping, disp, rows)  # native voxels, without the pre-alignment
+        ident = np.indices((rows[1] - rows[0], *shape[1:]), dtype=np.float64)
+        ident[0] += rows[0]
+        fixed_coords = apply_affine_field(to_fixed, ident + v)  # fixed voxel of the moving world point
+        del v
+        disp_native[:, rows[0]:rows[1]] = fixed_coords - ident
+        del ident
+        warped[rows[0]:rows[1]] = pull(inputs.moving, fixed, fixed_coords, order=1)
+        if seg is not None:
+            warped_seg[rows[0]:rows[1]] = pull(seg, fixed, fixed_coords, order=0)
+        del fixed_coords
     return NativeOutputs(
         disp=disp_native,
         warped=warped,
@@ -256,6 +292,5 @@ def pull(volume, fixed, fixed_coords: np.ndarray, *, order: int) -> np.ndarray:
     from ..core.resample import sample_points
 
     coords = apply_affine_field(fixed.grid.voxel_map(volume.grid), fixed_coords)  # -> this volume's voxels
-    data = volume.data if order == 1 else volume.data.astype(np.float32)
-    out = sample_points(data, coords, order=order, outside="fill")
-    return out.astype(volume.data.dtype) if order == 0 else out.astype(np.float32)
+    out = sample_points(volume.data, coords, order=order, outside="fill")  # nearest keeps the labels' dtype
+    return out.astype(volume.data.dtype, copy=False) if order == 0 else out.astype(np.float32, copy=False)
