@@ -392,7 +392,9 @@ def disp_to_original_orientation(disp_3xyz: np.ndarray, like: Volume) -> np.ndar
     """
     disp = np.asarray(disp_3xyz)
     p = np.round(_canonical_to_original_voxels(like)[:3, :3])
-    comps = np.einsum("ij,j...->i...", p, disp)
+    # a signed permutation: each component is ±1·x + 0·y + 0·z, exact in the field's own (float32) precision, so
+    # no float64 copy of a large field is made
+    comps = np.einsum("ij,j...->i...", p.astype(disp.dtype) if disp.dtype.kind == "f" else p, disp)
     moved = to_original_orientation(np.moveaxis(comps, 0, -1), like)
     return np.ascontiguousarray(np.moveaxis(moved, -1, 0), dtype=disp.dtype)
 
@@ -517,7 +519,11 @@ def save_disp_itk(
     affine = np.asarray(affine, dtype=np.float64)
     path, suffix = _prepare_output(path, overwrite, NIFTI_SUFFIXES)
     to_lps_mm = _LPS @ affine[:3, :3]
-    world = np.einsum("ij,j...->...i", to_lps_mm, disp.astype(np.float64)).astype(np.float32)
+    # float64 products, converted slab by slab along axis 0: a 0.5 mm field would need GBs of float64 at once
+    world = np.empty((*disp.shape[1:], 3), dtype=np.float32)
+    step = max(1, 2_000_000 // max(1, int(np.prod(disp.shape[2:]))))
+    for s in range(0, disp.shape[1], step):
+        world[s : s + step] = np.einsum("ij,j...->...i", to_lps_mm, disp[:, s : s + step].astype(np.float64))
     img = nib.Nifti1Image(world[:, :, :, None, :], affine)
     img.header.set_intent("vector", (), name="displacement")
     img.header.set_qform(affine, code=1)
