@@ -286,12 +286,14 @@ def _det3(m00, m01, m02, m10, m11, m12, m20, m21, m22):
     return m00 * (m11 * m22 - m12 * m21) - m01 * (m10 * m22 - m12 * m20) + m02 * (m10 * m21 - m11 * m20)
 
 
-def _central_jacobian_cropped(u: np.ndarray) -> np.ndarray:
+def _central_jacobian_cropped(u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``det(I + ∇u)`` with central differences at the voxels ``[2:-2]^3`` (there the zero padding of the
     Learn2Reg convention is never read, so plain slicing is exact). Computed in thin slabs whose temporaries
-    stay in the CPU cache (each voxel's value does not depend on the slab)."""
+    stay in the CPU cache (each voxel's value does not depend on the slab). ``out``: where to write (e.g. a
+    float32 view: the float64 values are rounded once, as by a later ``astype``)."""
     _, n0, n1, n2 = u.shape
-    out = np.empty((max(n0 - 4, 0), max(n1 - 4, 0), max(n2 - 4, 0)), dtype=np.float64)
+    if out is None:
+        out = np.empty((max(n0 - 4, 0), max(n1 - 4, 0), max(n2 - 4, 0)), dtype=np.float64)
     if out.size == 0:
         return out
     for s in range(2, n0 - 2, _SUBSLAB):
@@ -309,17 +311,18 @@ def _central_jacobian_cropped(u: np.ndarray) -> np.ndarray:
     return out
 
 
-def jacobian_determinant(disp: Any) -> np.ndarray:
-    """Central-difference Jacobian determinant ``det(I + ∇u)`` (float64, full size ``D0×D1×D2``).
+def jacobian_determinant(disp: Any, dtype=np.float64) -> np.ndarray:
+    """Central-difference Jacobian determinant ``det(I + ∇u)`` (full size ``D0×D1×D2``).
 
     Kernel ``[-0.5, 0, 0.5]`` with zero padding (Learn2Reg); the 2-voxel border, where the padding biases the
-    value, is set to 1 (neutral, for display). Statistics use the cropped interior.
+    value, is set to 1 (neutral, for display). Statistics use the cropped interior. Computed in float64;
+    ``dtype=np.float32`` stores the values rounded to float32 (= ``astype(np.float32)`` of the float64 result,
+    without the float64 volume: a 0.5 mm grid's would be ~0.4 GB).
     """
     u = _as_disp(disp, dtype=None)  # converted slab by slab: no float64 copy of a large field
-    jac = np.ones(u.shape[1:], dtype=np.float64)
-    inner = _central_jacobian_cropped(u)
-    if inner.size:
-        jac[2:-2, 2:-2, 2:-2] = inner
+    jac = np.ones(u.shape[1:], dtype=dtype)
+    if min(u.shape[1:]) >= 5:
+        _central_jacobian_cropped(u, out=jac[2:-2, 2:-2, 2:-2])
     return jac
 
 

@@ -455,7 +455,9 @@ def save_disp_l2r(disp_3xyz: np.ndarray, path: str | os.PathLike, *, overwrite: 
     """
     disp = _check_disp(disp_3xyz)
     path, suffix = _prepare_output(path, overwrite, (*NIFTI_SUFFIXES, ".npz"))
-    data = np.ascontiguousarray(np.moveaxis(disp, 0, -1), dtype=np.float32)
+    # a channel-last view, no copy: nibabel writes it one component at a time (Fortran order: the bytes are the
+    # same as those of a contiguous copy), which spares a second field in memory
+    data = np.moveaxis(disp.astype(np.float32, copy=False), 0, -1)
     if suffix == ".npz":
         _atomic_write(path, suffix, lambda tmp: np.savez_compressed(tmp, disp=data))
     else:

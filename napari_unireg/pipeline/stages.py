@@ -279,7 +279,7 @@ def native_grid(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None,
         disp=disp_native,
         warped=warped,
         warped_seg=warped_seg,
-        jacobian=jacobian_determinant(disp_native),
+        jacobian=jacobian_determinant(disp_native, dtype=np.float32),  # float32 as written and displayed
         inverse=None if inverse is None else grid.mapping.field_to_native(inverse),
     )
 

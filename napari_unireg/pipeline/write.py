@@ -122,7 +122,7 @@ def write_result(
     with result_folder(out, overwrite=overwrite, result_names=RESULT_FILES.values()) as tmp:
         jobs = {
             "warped": lambda: save_volume(result.warped, fixed, tmp / "warped.nii.gz", dtype=np.float32),
-            "jacobian": lambda: save_volume(result.jacobian.astype(np.float32), fixed, tmp / "jacobian.nii.gz"),
+            "jacobian": lambda: save_volume(result.jacobian.astype(np.float32, copy=False), fixed, tmp / "jacobian.nii.gz"),
             "disp": lambda: save_disp_l2r(disp_orig, tmp / "disp.nii.gz"),
             "disp_itk": lambda: save_disp_itk(disp_orig, fixed.original_affine, tmp / "disp_itk.nii.gz"),
         }
