@@ -388,13 +388,16 @@ def disp_to_original_orientation(disp_3xyz: np.ndarray, like: Volume) -> np.ndar
     """A voxel-unit displacement ``3×X×Y×Z`` on ``like``'s canonical grid, reordered to the stored voxel order.
 
     Both the spatial axes and the components are permuted/flipped (component ``i`` of the result is along the
-    stored array axis ``i``).
+    stored array axis ``i``). For a RAS-stored file this is ``disp_3xyz`` itself (no copy): do not modify it.
     """
     disp = np.asarray(disp_3xyz)
     p = np.round(_canonical_to_original_voxels(like)[:3, :3])
     # a signed permutation: each component is ±1·x + 0·y + 0·z, exact in the field's own (float32) precision, so
     # no float64 copy of a large field is made
-    comps = np.einsum("ij,j...->i...", p.astype(disp.dtype) if disp.dtype.kind == "f" else p, disp)
+    if np.array_equal(p, np.eye(3)):
+        comps = disp  # components already along the stored axes (a RAS-stored file): no copy at all
+    else:
+        comps = np.einsum("ij,j...->i...", p.astype(disp.dtype) if disp.dtype.kind == "f" else p, disp)
     moved = to_original_orientation(np.moveaxis(comps, 0, -1), like)
     return np.ascontiguousarray(np.moveaxis(moved, -1, 0), dtype=disp.dtype)
 
