@@ -57,3 +57,19 @@ def test_sample_separable_rows_are_rows_of_the_whole_output():
     for rows in ((0, 5), (5, 6), (6, 19)):
         part = sample_separable(a, scale, offset, shape, order=1, outside="border", rows=rows)
         assert np.array_equal(part, whole[rows[0]:rows[1]])
+
+
+def test_memory_estimate_is_stated_and_refused_when_too_large():
+    import pytest
+
+    from napari_unireg.errors import UserError
+
+    small, big = (160, 224, 192), (320, 448, 384)
+    assert stages.estimate_peak_bytes(big) > 4 * stages.estimate_peak_bytes(small) / 2  # grows with the voxels
+    line = stages.check_memory(small, available=64 * 2**30)
+    assert "GB needed" in line and "160×224×192" in line
+    with pytest.raises(UserError, match="not enough memory.*320×448×384"):
+        stages.check_memory(big, available=1 * 2**30)
+    # the kernel's own figure is read (Linux): a positive number of bytes
+    have = stages.available_memory_bytes()
+    assert have is None or have > 0
