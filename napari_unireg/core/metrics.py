@@ -485,13 +485,21 @@ def ndv(disp: Any, mask: Any = None) -> float:
         msl = m[s - 1 : e - 1]
         if not msl.any():
             continue
-        # The determinants are computed on thin sub-slabs whose temporaries stay in the CPU cache (~3× faster);
-        # the sum still runs over the whole slab, so the value is bitwise the same as with one pass per slab.
-        neg = np.empty((e - s, box[1] - box[0], box[3] - box[2]), dtype=np.float64)
+        # The determinants are computed on thin sub-slabs (temporaries in the CPU cache, ~3× faster), each on its
+        # own mask bounding box; the masked values are concatenated in C order, i.e. the very array that
+        # ``neg[msl]`` of the whole slab is, and summed at once: the value is bitwise that of one pass per slab.
+        parts = []
         for t in range(s, e, _SUBSLAB):
             te = min(t + _SUBSLAB, e)
-            neg[t - s : te - s] = sum(np.maximum(-j, 0.0) for j in _ndv_slab(u, t, te, box).values())
-        total += float(neg[msl].sum())
+            mt = msl[t - s : te - s]
+            r = np.flatnonzero(mt.any(axis=(0, 2)))
+            if r.size == 0:
+                continue
+            c = np.flatnonzero(mt.any(axis=(0, 1)))
+            sub = (box[0] + int(r[0]), box[0] + int(r[-1]) + 1, box[2] + int(c[0]), box[2] + int(c[-1]) + 1)
+            neg = sum(np.maximum(-j, 0.0) for j in _ndv_slab(u, t, te, sub).values())
+            parts.append(neg[mt[:, r[0] : r[-1] + 1, c[0] : c[-1] + 1]])
+        total += float(np.concatenate(parts).sum())
     return total / 12.0 / n_mask * 100.0
 
 
