@@ -402,6 +402,20 @@ def disp_to_original_orientation(disp_3xyz: np.ndarray, like: Volume) -> np.ndar
     return np.ascontiguousarray(np.moveaxis(moved, -1, 0), dtype=disp.dtype)
 
 
+def _save_nifti(img, path: Path) -> None:
+    """``nib.save(img, path)``; a ``.gz`` file is compressed by ISA-L (``isal``, optional) when installed: the same
+    gzip format and level 1 ratio, ~15× faster than zlib (the decompressed bytes are those nibabel writes)."""
+    try:
+        from isal import igzip
+    except ImportError:
+        igzip = None
+    if igzip is None or not str(path).endswith(".gz"):
+        nib.save(img, str(path))
+        return
+    with igzip.open(str(path), "wb", compresslevel=1) as fh:
+        img.to_file_map({"image": nib.FileHolder(fileobj=fh)})
+
+
 def save_volume(
     array_ras: np.ndarray,
     like: Volume,
@@ -436,7 +450,7 @@ def save_volume(
     img.header["cal_max"] = 0
     if img.header["dim"][0] > 3 and data.ndim == 3:
         img.header["dim"][0] = 3
-    _atomic_write(path, _suffix, lambda tmp: nib.save(img, str(tmp)))
+    _atomic_write(path, _suffix, lambda tmp: _save_nifti(img, tmp))
     return path
 
 
@@ -465,7 +479,7 @@ def save_disp_l2r(disp_3xyz: np.ndarray, path: str | os.PathLike, *, overwrite: 
         _atomic_write(path, suffix, lambda tmp: np.savez_compressed(tmp, disp=data))
     else:
         img = nib.Nifti1Image(data, np.eye(4))
-        _atomic_write(path, suffix, lambda tmp: nib.save(img, str(tmp)))
+        _atomic_write(path, suffix, lambda tmp: _save_nifti(img, tmp))
     return path
 
 
@@ -534,7 +548,7 @@ def save_disp_itk(
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    _atomic_write(path, suffix, lambda tmp: nib.save(img, str(tmp)))
+    _atomic_write(path, suffix, lambda tmp: _save_nifti(img, tmp))
     return path
 
 
