@@ -361,3 +361,19 @@ def test_bad_inputs_raise_user_error():
         M.evaluate_registration(np.zeros((3, 6, 6, 6)), fixed_labels=np.zeros((6, 6, 6), int))
     with pytest.raises(UserError):
         M.evaluate_registration(np.zeros((3, 6, 6, 6)), np.zeros((6, 6, 5), int), np.zeros((6, 6, 5), int))
+
+
+def test_ndv_over_several_slabs_and_sub_slabs_matches_tetrahedra(rng):
+    # 37 rows: three slabs of the streamed sum, the last one partial, each computed in 2-row sub-slabs
+    u = _smooth_field(rng, (37, 12, 11), amp=8.0, sigma=1.0)
+    assert M.ndv(u) > 0  # the field does fold
+    assert M.ndv(u) == pytest.approx(_ndv_tetrahedra(u), rel=1e-10)
+
+
+def test_jacobian_in_float32_is_the_rounded_float64_one(rng):
+    u = _smooth_field(rng, (23, 9, 8), amp=3.0).astype(np.float32)
+    j64 = M.jacobian_determinant(u)
+    j32 = M.jacobian_determinant(u, dtype=np.float32)
+    assert j32.dtype == np.float32 and np.array_equal(j32, j64.astype(np.float32))
+    # and the float64 one is computed from the float32 field exactly as from its float64 copy
+    assert np.array_equal(j64, M.jacobian_determinant(u.astype(np.float64)))

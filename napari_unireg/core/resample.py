@@ -93,16 +93,24 @@ def sample_separable(
     order: int,
     outside: str = "fill",
     fill: float = 0.0,
+    rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Sample ``array`` (first 3 axes spatial) at input index ``scale·q + offset`` for every output voxel ``q``."""
+    """Sample ``array`` (first 3 axes spatial) at input index ``scale·q + offset`` for every output voxel ``q``.
+
+    ``rows = (start, stop)``: only the output rows ``start:stop`` along axis 0, bitwise equal to those rows of
+    the whole output (the positions are computed for the whole axis, then sliced): lets a caller stream a large
+    output in slabs.
+    """
     out = array
     if order > 0 and out.dtype.kind != "f":
         out = out.astype(np.float32)
     for axis in range(3):
         coords = scale[axis] * np.arange(out_shape[axis], dtype=np.float64) + offset[axis]
+        part = slice(*rows) if axis == 0 and rows is not None else slice(None)
         if out.shape[axis] == out_shape[axis] and np.allclose(coords, np.arange(out_shape[axis]), atol=1e-9, rtol=0):
-            continue  # identity along this axis: keep values bit-exact
-        out = sample_axis(out, axis, coords, order, outside, fill)
+            out = out[part]  # identity along this axis: keep values bit-exact
+            continue
+        out = sample_axis(out, axis, coords[part], order, outside, fill)
     return np.ascontiguousarray(out)
 
 

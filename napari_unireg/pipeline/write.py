@@ -3,7 +3,7 @@ Learn2Reg and ITK displacement files, metrics.json, run.json) and the provenance
 
 Formats (documented in the README): images float32 (labels in the moving label map's dtype); ``disp.nii.gz`` and
 ``disp_itk.nii.gz`` stay float32 because NIfTI-1 has no float16 data type; gzip at level 1 (nibabel's default,
-the fastest zlib level).
+the fastest zlib level), by ISA-L when the optional ``isal`` package is installed (~15× faster, same format).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def write_result(
     with result_folder(out, overwrite=overwrite, result_names=RESULT_FILES.values()) as tmp:
         jobs = {
             "warped": lambda: save_volume(result.warped, fixed, tmp / "warped.nii.gz", dtype=np.float32),
-            "jacobian": lambda: save_volume(result.jacobian.astype(np.float32), fixed, tmp / "jacobian.nii.gz"),
+            "jacobian": lambda: save_volume(result.jacobian.astype(np.float32, copy=False), fixed, tmp / "jacobian.nii.gz"),
             "disp": lambda: save_disp_l2r(disp_orig, tmp / "disp.nii.gz"),
             "disp_itk": lambda: save_disp_itk(disp_orig, fixed.original_affine, tmp / "disp_itk.nii.gz"),
         }
