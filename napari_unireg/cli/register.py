@@ -124,6 +124,21 @@ def parse_outputs(text: str | None):
     return None if text is None else check_outputs(text)
 
 
+def _say_memory(args) -> None:
+    """State the memory this run needs (UserError when the machine cannot hold it), from the file headers."""
+    import nibabel as nib
+
+    from ..pipeline.stages import check_memory
+
+    try:
+        shapes = [nib.load(str(p)).shape[:3] for p in (args.fixed, args.moving)]
+    except Exception:  # noqa: BLE001  (an unreadable file gets its own clear message from load_volume next)
+        return
+    line = check_memory(*shapes)
+    if not args.quiet:
+        print(line, file=sys.stderr)
+
+
 def cmd_register(args) -> int:
     from ..io import load_volume
     from ..io.result_folder import test_pause
@@ -132,6 +147,7 @@ def cmd_register(args) -> int:
     args.outputs = parse_outputs(getattr(args, "outputs", None))
     validate_options(options_from_args(args))  # every option before any file is read
     check_out_dir(Path(args.out), args.overwrite, like=args.fixed)
+    _say_memory(args)  # from the headers alone: refuse before reading voxels or loading the network
     test_pause("load")  # test-only hook (UNIREG_TEST_PAUSE_AT=load)
     fixed = load_volume(args.fixed, kind="image")
     moving = load_volume(args.moving, kind="image")
