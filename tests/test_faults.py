@@ -210,17 +210,19 @@ def test_disk_full_while_writing_patched(data, old_copy, monkeypatch, capsys):
     """ENOSPC from the NIfTI writer after a part of the file is on disk, with an old result in place."""
     from napari_unireg.cli import main
 
-    real_save = nib.save
+    from napari_unireg.io import nifti
+
+    real_save = nifti._save_nifti  # the one NIfTI writer (zlib or ISA-L gzip)
     calls = []
 
-    def save_then_fail(img, filename, *a, **kw):
+    def save_then_fail(img, filename):
         calls.append(filename)
         if len(calls) == 2:  # the first file completes, the second fails half-way
             Path(filename).write_bytes(b"\x1f\x8b partial")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
-        return real_save(img, filename, *a, **kw)
+        return real_save(img, filename)
 
-    monkeypatch.setattr(nib, "save", save_then_fail)
+    monkeypatch.setattr(nifti, "_save_nifti", save_then_fail)
     before = snapshot(old_copy)
     assert main([str(a) for a in register_args(data, old_copy)] + ["--overwrite"]) == 2
     assert "no space left on the device of" in one_line(capsys.readouterr().err.splitlines())

@@ -148,7 +148,6 @@ def test_a_4d_file_with_one_volume_is_announced(tmp_path, pair, capsys, recwarn)
     assert "one4d.nii.gz" in text and "4D" in text, text
 
 
-@engine_v2("a moving image covering part of the fixed one (a slab) gets no warning")
 def test_partial_coverage_is_announced(tmp_path, pair, capsys, recwarn):
     slab = _brain(seed=1)[:, :, 10:22]
     offset = np.eye(4)

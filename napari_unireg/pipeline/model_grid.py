@@ -186,6 +186,13 @@ class GridMapping:
     def native_affine_spacing(self) -> np.ndarray:
         return np.sqrt((self.native_affine[:3, :3] ** 2).sum(axis=0))
 
+    def coverage(self, volume: Volume, world_to_moving: np.ndarray | None = None) -> np.ndarray:
+        """Bool mask on the model grid: where ``volume``'s field of view reaches (through ``world_to_moving``)."""
+        w = np.eye(4) if world_to_moving is None else np.asarray(world_to_moving, dtype=np.float64)
+        vox = voxel_map(self.model_affine, volume.affine, w)
+        ones = np.ones(volume.shape, dtype=np.float32)
+        return resample_affine(ones, vox, self.model_shape, order=0, fill=0) > 0
+
     def resample_to_model(
         self, volume: Volume, world_to_moving: np.ndarray | None = None, order: int | None = None, fill: float = 0
     ) -> np.ndarray:

@@ -10,12 +10,12 @@ units of their grid, pull convention (:mod:`napari_unireg.core.grid`).
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -155,6 +155,10 @@ def prealign(inputs: Inputs, method: str, report: Report, should_stop=None) -> n
     return np.asarray(result.matrix, dtype=np.float64)
 
 
+#: Below this fraction of the fixed brain inside the moving image's field of view, the user is warned.
+COVERAGE_WARNING = 0.9
+
+
 def model_grid(inputs: Inputs, matrix: np.ndarray | None, shape) -> OnModelGrid:
     """Fixed image to the model grid (1 mm, ``shape``, centred on the brain); the moving image (and labels)
     pulled onto it through ``matrix`` from their own grids; intensities scaled to [0, 1]."""
@@ -167,6 +171,11 @@ def model_grid(inputs: Inputs, matrix: np.ndarray | None, shape) -> OnModelGrid:
         moving_m = normalize_intensity(moving_m)
     if np.count_nonzero(moving_m > 0) < 0.001 * moving_m.size:
         raise UserError("fixed and moving images do not overlap after pre-alignment")
+    brain = fixed_m > 0
+    covered = float(np.mean(mapping.coverage(inputs.moving, matrix)[brain])) if brain.any() else 1.0
+    if covered < COVERAGE_WARNING:  # a slab or a cropped scan: the rest of the brain is matched against nothing
+        warnings.warn(f"{_called(inputs.moving)} covers only {100 * covered:.0f} % of the fixed image's brain: "
+                      "the registration outside it is an extrapolation", stacklevel=2)
     fixed_seg = mapping.to_model(inputs.fixed_seg.data, order=0) if inputs.fixed_seg is not None else None
     moving_seg = mapping.resample_to_model(inputs.moving_seg, matrix) if inputs.moving_seg is not None else None
     return OnModelGrid(mapping, fixed_m, moving_m, fixed_seg, moving_seg, matrix)
