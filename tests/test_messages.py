@@ -159,7 +159,6 @@ def test_partial_coverage_is_announced(tmp_path, pair, capsys, recwarn):
     assert "slab.nii.gz" in text and "covers only" in text, text
 
 
-@engine_v2("a left-right flipped header gets no warning although the pre-alignment fits a mirror image")
 def test_left_right_flip_is_announced(tmp_path, capsys, recwarn):
     base = _brain(seed=1)
     base[4:12, 8:24, 8:24] *= 1.8  # a strong left-only feature: the mirror image is not the image
