@@ -96,6 +96,7 @@ def _smooth_field(rng, shape, amp, sigma=1.5, border=3):
 # --------------------------------------------------------------------------------------------------------------
 # DEV baselines (zero displacement = 'affine' row of baselines_val.json)
 # --------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_zero_displacement_matches_dev_baselines(shared_data):
     import nibabel as nib
 

@@ -388,7 +388,9 @@ def test_inference_path_equals_training_path(name):
         torch.testing.assert_close(fast.inverse, slow.inverse.detach(), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["dp-conv-mfc", "dp-convic-c", "dp-vfa", "transmorph"])
+@pytest.mark.parametrize(
+    "name", ["dp-conv-mfc", pytest.param("dp-convic-c", marks=pytest.mark.slow), "dp-vfa", "transmorph"]
+)
 def test_autocast_bf16_keeps_geometry_in_float32(name):
     """The engine and the trainer run the networks under autocast; the fields stay float32 and close to fp32.
 

@@ -154,6 +154,7 @@ def _viewer_with_run(make_napari_viewer, M=None):
     return viewer, run
 
 
+@pytest.mark.slow
 def test_inspect_layers_values_and_toggles(make_napari_viewer, qtbot):
     from napari_unireg._napari.inspect_widget import InspectWidget
 
@@ -242,6 +243,7 @@ def test_metrics_widget_table(make_napari_viewer, tmp_path, qtbot):
     assert w.summary.columnCount() == 2
 
 
+@pytest.mark.slow
 def test_linked_views_follow_point(make_napari_viewer, qtbot):
     from napari_unireg._napari.ortho_views import OrthoViewsWidget, get_linked_views
 

@@ -119,6 +119,7 @@ def _reference(shared_data, fixed_id, moving_id) -> np.ndarray:
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_native_pair_matches_reference(shared_data):
     fixed = load_volume(shared_data / "native" / "UNIREG_0003_brain.nii.gz")
     moving = load_volume(shared_data / "native" / "UNIREG_0001_brain.nii.gz")
@@ -132,6 +133,7 @@ def test_native_pair_matches_reference(shared_data):
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_native_pair_other_orientation_and_voxel_size(shared_data):
     """The fixed brain stored LPS with 1.2×1.5×0.9 mm voxels: same world answer."""
     fixed = load_volume(shared_data / "native" / "UNIREG_0003_brain.nii.gz")

@@ -94,9 +94,10 @@ def register_volumes(
     ``should_stop()`` is polled between steps and raises :class:`Cancelled` when it returns True.
     """
     options = validate_options(options or RegisterOptions())
-    stages.check_inputs(stages.Inputs(fixed, moving, fixed_seg, moving_seg))
+    given = stages.Inputs(fixed, moving, fixed_seg, moving_seg)
+    stages.check_inputs(given)
     if options.prealign == "none":
-        stages.check_overlap(stages.Inputs(fixed, moving, fixed_seg, moving_seg))
+        stages.check_overlap(given)
 
     def reporter(stage: str):
         def report(fraction: float) -> None:
@@ -129,8 +130,7 @@ def register_volumes(
         stripped = skull_strip_stage(fixed, moving, options.skull_strip, device)
         report(1.0)
         lap("skullstrip")
-    inputs = stages.Inputs(stripped.fixed if stripped else fixed, stripped.moving if stripped else moving,
-                           fixed_seg, moving_seg)
+    inputs = given if stripped is None else stages.Inputs(stripped.fixed, stripped.moving, fixed_seg, moving_seg)
     report = reporter("prealign")
     if options.prealign != "none":
         report(0.0)

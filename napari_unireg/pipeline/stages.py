@@ -194,7 +194,8 @@ def _warn_if_mirrored(fixed_m: np.ndarray, moving_m: np.ndarray, brain: np.ndarr
     f = fixed_m[brain]
     direct = np.corrcoef(f, moving_m[brain])[0, 1]
     mirrored = np.corrcoef(f, moving_m[::-1][brain])[0, 1]
-    if np.isfinite(direct) and np.isfinite(mirrored) and mirrored > direct + MIRROR_MARGIN:
+    # only a real match counts (noise and phantoms correlate near 0 either way)
+    if np.isfinite(direct) and np.isfinite(mirrored) and mirrored > 0.5 and mirrored > direct + MIRROR_MARGIN:
         warnings.warn(f"{name} matches the fixed image better mirrored left-right (correlation {mirrored:.2f} vs "
                       f"{direct:.2f}): check its header's left-right orientation", stacklevel=3)
 
