@@ -4,6 +4,7 @@ synthetic volumes."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +41,23 @@ def smooth_blob_volume(shape=(24, 28, 20), seed: int = 0) -> np.ndarray:
     vol = gaussian_filter(r.random(shape), 2.0)
     vol = (vol - vol.min()) / (vol.max() - vol.min())
     return vol.astype(np.float32)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(options)`` mounts a tmpfs at a fresh folder and returns it (a real read-only or full disk, as root);
+    skips where mounting is not allowed."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        where = tmp_path / f"mnt{len(mounted)}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -239,23 +239,6 @@ def test_too_little_free_space_is_refused_before_work(tmp_path):
         check_output_dir(tmp_path / "out", overwrite=False, expected_names=NAMES, need_bytes=free + 10**9)
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """``mount(options)`` mounts a tmpfs at a fresh folder and returns it; skips where mounting is not allowed."""
-    mounted = []
-
-    def mount(options: str) -> Path:
-        where = tmp_path / f"mnt{len(mounted)}"
-        where.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_real_read_only_filesystem(tmpfs):

@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_unireg.pipeline import STAGES, RegisterOptions
+from napari_unireg.pipeline import STAGE_WEIGHTS, STAGES, RegisterOptions
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ NONE = "(none)"
 #: result kinds of a run that can be registered again (the other result layers are maps, not anatomy)
 REUSABLE_KINDS = ("warped", "warped labels")
 ROLES = ("fixed", "moving")
-#: share of the overall progress bar of each engine stage (refinement only counts when asked for)
-STAGE_WEIGHTS = {"load": 5, "skullstrip": 10, "prealign": 10, "inference": 45, "refinement": 25, "metrics": 15, "write": 0}
 STAGE_TEXT = {
     "load": "loading the model and the images",
     "skullstrip": "brain extraction",
@@ -61,7 +59,8 @@ STAGE_TEXT = {
 
 def overall_fraction(stage: str, fraction: float, refinement: bool) -> float:
     """Progress of the whole run in [0, 1] from the engine's ``(stage, fraction within the stage)``."""
-    weights = {s: w for s, w in STAGE_WEIGHTS.items() if refinement or s != "refinement"}
+    # the engine's stage weights; the widget writes no files, and refinement counts only when asked for
+    weights = {s: w for s, w in STAGE_WEIGHTS.items() if s != "write" and (refinement or s != "refinement")}
     total = float(sum(weights.values())) or 1.0
     done = 0.0
     for s in STAGES:

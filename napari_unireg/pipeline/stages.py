@@ -172,7 +172,7 @@ def model_grid(inputs: Inputs, matrix: np.ndarray | None, shape) -> OnModelGrid:
     if np.count_nonzero(moving_m > 0) < 0.001 * moving_m.size:
         raise UserError("fixed and moving images do not overlap after pre-alignment")
     brain = fixed_m > 0
-    covered = float(np.mean(mapping.coverage(inputs.moving, matrix)[brain])) if brain.any() else 1.0
+    covered = mapping.coverage(inputs.moving, brain, matrix)
     if covered < COVERAGE_WARNING:  # a slab or a cropped scan: the rest of the brain is matched against nothing
         warnings.warn(f"{_called(inputs.moving)} covers only {100 * covered:.0f} % of the fixed image's brain: "
                       "the registration outside it is an extrapolation", stacklevel=2)

@@ -17,7 +17,9 @@ StopCallback = Callable[[], bool]
 
 STAGES = ("load", "skullstrip", "prealign", "inference", "refinement", "metrics", "write")
 #: Share of a typical run's wall time per stage (progress bars): written once, here.
-STAGE_WEIGHTS = {"load": 5, "skullstrip": 10, "prealign": 10, "inference": 35, "refinement": 25, "metrics": 15, "write": 10}
+STAGE_WEIGHTS = {
+    "load": 5, "skullstrip": 10, "prealign": 10, "inference": 35, "refinement": 25, "metrics": 15, "write": 10,
+}
 
 
 @dataclass
