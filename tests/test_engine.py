@@ -157,3 +157,48 @@ def test_the_pipeline_adds_nothing_to_a_zero_field(monkeypatch):
     assert np.abs(res.disp_native).max() == 0 and np.abs(res.disp_model).max() == 0
     np.testing.assert_allclose(res.warped, vol.data, rtol=1e-6, atol=1e-3)
     assert res.metrics["sdlogj"] == 0 and res.metrics["ndv"] == 0
+
+
+def test_on_fields_gets_the_layers_before_the_scores():
+    """A front end gets the fields before the metrics; the returned result holds the same arrays plus the scores."""
+    fixed, moving, fseg, mseg = _pair()
+    early = []
+    res = register_volumes(fixed, moving, fseg, mseg, options=RegisterOptions(**OPTIONS), on_fields=early.append)
+    assert len(early) == 1 and "dice" not in early[0].metrics and early[0].metrics["model"] == "classical"
+    np.testing.assert_array_equal(early[0].disp_native, res.disp_native)
+    assert early[0].warped is res.warped and "dice" in res.metrics and "shown" in res.metrics["seconds"]
+
+
+def test_prealign_is_remembered_for_the_same_pair_only(monkeypatch):
+    import napari_unireg.core.prealign as prealign_mod
+    from napari_unireg.pipeline import stages
+
+    fixed, moving, _, _ = _pair()
+    calls = []
+    real = prealign_mod.affine_prealign
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(prealign_mod, "affine_prealign", counting)
+    monkeypatch.setattr(stages, "_PREALIGN_MEMO", type(stages._PREALIGN_MEMO)())
+    inputs = stages.Inputs(fixed, moving, None, None)
+    first = stages.prealign(inputs, "affine", lambda f: None)
+    again = stages.prealign(inputs, "affine", lambda f: None)
+    assert len(calls) == 1 and np.array_equal(first, again) and again is not first
+    changed = volume_from_array(moving.data.copy(), np.eye(4), kind="image", name="moving")
+    changed.data[5, 5, 5] += 0.5  # one voxel differs: a new search
+    stages.prealign(stages.Inputs(fixed, changed, None, None), "affine", lambda f: None)
+    assert len(calls) == 2
+
+
+def test_warm_up_leaves_the_network_loaded():
+    from napari_unireg.pipeline import warm_up
+    from napari_unireg.pipeline.models import _CACHE, clear_model_cache, load_model
+
+    clear_model_cache()
+    warm_up(RegisterOptions(model="dp-vfa", device="cpu", grid_shape=(32, 32, 32), prealign="none"))
+    assert len(_CACHE) == 1
+    cached = next(iter(_CACHE.values()))
+    assert load_model("dp-vfa", None, "cpu") is cached

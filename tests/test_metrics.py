@@ -378,3 +378,31 @@ def test_jacobian_in_float32_is_the_rounded_float64_one(rng):
     assert j32.dtype == np.float32 and np.array_equal(j32, j64.astype(np.float32))
     # and the float64 one is computed from the float32 field exactly as from its float64 copy
     assert np.array_equal(j64, M.jacobian_determinant(u.astype(np.float64)))
+
+
+def test_surface_and_dilation_match_scipy_morphology():
+    """HD95's slice-written surface (mask minus its 6-connected erosion, border voxels on the surface) and 6-cross
+    dilation are scipy's binary_erosion / binary_dilation, masks touching the array border included."""
+    from scipy.ndimage import binary_dilation, binary_erosion, generate_binary_structure
+
+    cross = generate_binary_structure(3, 1)
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        mask = _random_labels(rng, shape=(9, 11, 8), n=2) == 1
+        mask[0, :3, :3] = True  # on the border
+        assert np.array_equal(M._surface(mask), mask & ~binary_erosion(mask, cross, border_value=0))
+        assert np.array_equal(M._dilate6(mask), binary_dilation(mask, cross))
+
+
+def test_warp_labels_nearest_is_map_coordinates_with_ties_and_outside():
+    """Nearest-neighbour label warp = scipy map_coordinates(order=0, mode='constant'), including exact .5 ties,
+    positions just outside the grid and a grid thicker than one slab."""
+    from scipy.ndimage import map_coordinates
+
+    rng = np.random.default_rng(3)
+    lab = _random_labels(rng, shape=(13, 9, 7), n=6).astype(np.int16)
+    for u in (rng.normal(0, 2, (3, 13, 9, 7)), np.round(rng.normal(0, 2, (3, 13, 9, 7)) * 2) / 2):
+        u[:, :, 0] = -0.5  # ties at the lower edge: floor(-0.5 + 0.5) = 0, but x < 0 is outside
+        u = u.astype(np.float32)  # fields are float32
+        ref = map_coordinates(lab, _identity(lab.shape) + u.astype(np.float64), order=0, mode="constant", cval=0)
+        assert np.array_equal(M.warp_labels_nearest(lab, u), ref)

@@ -20,6 +20,7 @@ from test_napari_layers import SHAPE, fake_run  # noqa: E402  (tests/ is on sys.
 pytestmark = pytest.mark.gui
 
 TINY = (20, 24, 18)
+WARM_WAIT_MS = 800  # twice the widget's warm-up delay
 
 
 @pytest.fixture(autouse=True)
@@ -573,3 +574,45 @@ def test_register_widget_extracts_the_brain_of_a_raw_head(make_napari_viewer, qt
     f = np.asarray(fixed.data, dtype=np.float64)
     inside = f > 0
     assert np.corrcoef(np.asarray(warped.data, dtype=np.float64)[inside], f[inside])[0, 1] > 0.6
+
+
+def test_layers_come_before_the_metrics_and_the_table_fills_in(pair_viewer, fast_engine, qtbot):
+    """Run shows the result layers as soon as the fields are on the fixed grid; the scores follow into the same run
+    and the metrics table refreshes (its column was made without them)."""
+    from napari_unireg._napari.metrics_widget import MetricsWidget
+
+    viewer = pair_viewer
+    table = MetricsWidget(viewer)
+    viewer.window.add_dock_widget(table)
+    w = _register_widget(viewer)
+    at_add = []
+    get_store(viewer).added.connect(lambda run: at_add.append(dict(run.metrics)))
+    w.run()
+    qtbot.waitUntil(lambda: not w.busy, timeout=180_000)
+    assert len(at_add) == 1 and "model" in at_add[0] and "dice" not in at_add[0]
+    run = w.last_run
+    assert "dice" in run.metrics and "done" in w.lbl_status.text()
+    cells = {table.summary.item(i, 0).text(): table.summary.item(i, 1).text()
+             for i in range(table.summary.rowCount())}
+    assert cells["Dice after (mean)"] == f"{run.metrics['dice']:.4f}"
+    qtbot.waitUntil(lambda: "contours fixed [moving→fixed, classical]" in [lay.name for lay in viewer.layers])
+    kinds = [((lay.metadata or {}).get("unireg") or {}).get("kind") for lay in viewer.layers]
+    kinds = [k for k in dict.fromkeys(kinds) if k]  # bottom to top, once each
+    from napari_unireg._napari.runs import DEFAULT_KINDS
+
+    assert kinds == [k for k in DEFAULT_KINDS if k in kinds]  # the later layers were sorted into place
+
+
+def test_widget_warms_the_chosen_model_while_the_user_picks(pair_viewer, qtbot, monkeypatch):
+    import napari_unireg.pipeline as pipeline
+
+    warmed = []
+    monkeypatch.setattr(pipeline, "warm_up", lambda options: warmed.append(options))
+    w = _register_widget(pair_viewer)
+    qtbot.waitUntil(lambda: len(warmed) == 1, timeout=5_000)
+    assert warmed[0].model == "classical" and tuple(warmed[0].grid_shape) == (40, 40, 40)
+    w.set_model("dp-vfa")  # another model: warmed too, once
+    qtbot.waitUntil(lambda: len(warmed) == 2, timeout=5_000)
+    assert warmed[1].model == "dp-vfa"
+    qtbot.wait(WARM_WAIT_MS)
+    assert len(warmed) == 2

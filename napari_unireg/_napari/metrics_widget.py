@@ -178,6 +178,7 @@ class MetricsWidget(QWidget):
         self.btn_csv.clicked.connect(self._save_dialog)
         self.store.added.connect(self.refresh)
         self.store.removed.connect(self.refresh)
+        self.store.changed.connect(self.refresh)
         self.refresh()
 
     def runs(self) -> list[Run]:

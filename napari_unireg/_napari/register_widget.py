@@ -22,7 +22,7 @@ import traceback
 from typing import Any
 
 from psygnal import Signal
-from qtpy.QtCore import QObject
+from qtpy.QtCore import QObject, QTimer
 from qtpy.QtCore import Signal as QtSignal
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -43,6 +43,10 @@ from napari_unireg.pipeline import STAGE_WEIGHTS, STAGES, RegisterOptions
 log = logging.getLogger(__name__)
 
 NONE = "(none)"
+#: how long the settings must stay put before the model is warmed (a burst of picker changes warms once)
+WARM_DELAY_MS = 400
+#: the longest the engine waits for the GUI thread to show the layers before it computes the metrics
+SHOW_TIMEOUT_S = 10.0
 #: result kinds of a run that can be registered again (the other result layers are maps, not anatomy)
 REUSABLE_KINDS = ("warped", "warped labels")
 ROLES = ("fixed", "moving")
@@ -141,9 +145,11 @@ def list_devices() -> list[tuple[str, str]]:
 
 
 class _Relay(QObject):
-    """Carries progress from the worker thread to the GUI thread (queued signal)."""
+    """Carries progress and the early result from the worker thread to the GUI thread (queued signals)."""
 
     progress = QtSignal(str, float)
+    #: the fields on the fixed grid, before the metrics: (result, fixed, fixed_seg, moving, moving_seg, prebuilt)
+    fields = QtSignal(object)
 
 
 class RegisterWidget(QWidget):
@@ -164,6 +170,16 @@ class RegisterWidget(QWidget):
         self._pbar_n = 0
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
+        self._relay.fields.connect(self._on_fields)
+        #: the run whose layers are shown while its metrics are being computed
+        self._pending_run = None
+        #: the model is loaded and run once in the background as soon as Run could be pressed (see _warm)
+        self._warm_thread: threading.Thread | None = None
+        self._warmed_key: tuple | None = None
+        self._warm_timer = QTimer(self)
+        self._warm_timer.setSingleShot(True)
+        self._warm_timer.setInterval(WARM_DELAY_MS)
+        self._warm_timer.timeout.connect(self._warm)
 
         from magicgui.widgets import ComboBox
 
@@ -243,6 +259,8 @@ class RegisterWidget(QWidget):
         self.refresh_pickers()
         self.btn_run.clicked.connect(self.run)
         self.btn_cancel.clicked.connect(self.cancel)
+        for combo in (self.cmb_model, self.cmb_device, self.cmb_resolution):
+            combo.currentIndexChanged.connect(lambda _i: self._update_run_state())
         events = napari_viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered, events.renamed):
             ev.connect(self.refresh_pickers)
@@ -419,6 +437,38 @@ class RegisterWidget(QWidget):
         self.lbl_reason.setVisible(bool(why))
         self.btn_run.setEnabled(not self.busy and not why)
         self.btn_run.setToolTip(why or "Register the moving image onto the fixed one")
+        if not why and not self.busy:
+            self._warm_timer.start()  # (re)starts the delay
+
+    # ------------------------------------------------------------------ warm-up
+    def _warm_key(self, options: RegisterOptions) -> tuple:
+        return (options.model, options.checkpoint, options.device, options.resolution, tuple(options.grid_shape),
+                options.amp)
+
+    def _warm(self) -> None:
+        """Load the chosen network and run it once on an empty pair, in a thread, while the user is still looking
+        at the inputs: the first Run then starts with a warm model (:func:`napari_unireg.pipeline.warm_up`)."""
+        if self.busy or (self._warm_thread is not None and self._warm_thread.is_alive()):
+            return
+        try:
+            options = self.options()
+        except Exception:  # a setting the engine will refuse with a message when Run is pressed
+            return
+        key = self._warm_key(options)
+        if key == self._warmed_key:
+            return
+        self._warmed_key = key
+
+        def warm() -> None:
+            from napari_unireg.pipeline import warm_up
+
+            try:
+                warm_up(options)
+            except Exception as exc:  # Run reports the problem; a warm-up never does
+                log.debug("warm-up of %s skipped: %s", options.model, exc)
+
+        self._warm_thread = threading.Thread(target=warm, name="unireg-warm-up", daemon=True)
+        self._warm_thread.start()
 
     def options(self) -> RegisterOptions:
         """The RegisterOptions the current settings describe."""
@@ -470,8 +520,11 @@ class RegisterWidget(QWidget):
 
         relay = self._relay
         stop = self._stop
+        self._warm_timer.stop()
+        self._pending_run = None
         worker = create_worker(
-            _register_job, inputs, options, relay.progress.emit, stop.is_set, _start_thread=False
+            _register_job, inputs, options, relay.progress.emit, stop.is_set, relay.fields.emit, self._warm_thread,
+            _start_thread=False,
         )
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
@@ -531,13 +584,35 @@ class RegisterWidget(QWidget):
         self.lbl_status.setStyleSheet("color: #ff6b6b;" if error else "")
         self.lbl_status.setText(text)
 
+    def _on_fields(self, payload: tuple) -> None:
+        """The fields are on the fixed grid: show the layers now; the metrics follow (``_on_returned``)."""
+        shown = payload[-1]
+        try:
+            if not self.busy:
+                return
+            self._pending_run = self._add_run(payload[:-1])
+        except Exception:  # the viewer may have been closed meanwhile; _on_returned tries once more
+            log.exception("could not show the result")
+            self._pending_run = None
+            return
+        finally:
+            shown.set()
+        self._set_status(f"{self._pending_run.tag}: layers shown; computing the metrics …")
+
     def _on_returned(self, outcome: tuple[str, Any]) -> None:
         from napari.utils.notifications import show_error, show_info
 
         status, payload = outcome
+        run, self._pending_run = self._pending_run, None
         if status == "ok":
+            result, payload = payload[0], payload
             try:
-                run = self._add_run(payload)
+                if run is None:
+                    run = self._add_run(payload)
+                else:
+                    from .runs import get_store
+
+                    get_store(self.viewer).update(run, result)  # the metrics, into the run already shown
             except Exception as exc:  # the viewer may have been closed meanwhile
                 log.exception("could not show the result")
                 status, payload = "error", f"could not show the result: {exc}"
@@ -555,7 +630,7 @@ class RegisterWidget(QWidget):
                 self._set_status(msg)
                 show_info(f"UniReg {msg}")
         if status == "cancelled":
-            self._set_status("cancelled")
+            self._set_status("cancelled" + (" (the layers are shown, without metrics)" if run is not None else ""))
             show_info("UniReg: registration cancelled")
         elif status == "error":
             self._set_status(str(payload), error=True)
@@ -575,7 +650,7 @@ class RegisterWidget(QWidget):
     def _add_run(self, payload: tuple) -> Any:
         from . import show
         from .convert import nifti_meta
-        from .runs import DEFAULT_KINDS, DEFAULT_VISIBLE, get_store
+        from .runs import DEFAULT_KINDS, DEFAULT_VISIBLE, FIRST_KINDS, get_store
 
         result, fixed_vol, fixed_seg_vol, moving_vol, moving_seg_vol = payload[:5]
         prebuilt = payload[5] if len(payload) > 5 else {}
@@ -599,13 +674,23 @@ class RegisterWidget(QWidget):
             nifti=nifti_meta(fixed_vol),
             prebuilt=prebuilt,
         )
-        for kind in DEFAULT_KINDS:
+        for kind in FIRST_KINDS:
             show.add_kind(self.viewer, run, kind, visible=kind in DEFAULT_VISIBLE)
         self.viewer.layers.selection.active = show.layers_of(self.viewer, run, "warped")[0]
         from .status import install
 
         install(self.viewer)  # hover read-out of u and J in the status bar
         self.last_run = run
+
+        def rest() -> None:
+            if run not in store.runs:  # removed meanwhile
+                return
+            for kind in DEFAULT_KINDS:
+                if kind not in FIRST_KINDS:
+                    show.add_kind(self.viewer, run, kind, visible=kind in DEFAULT_VISIBLE)
+            show.order_kinds(self.viewer, run, DEFAULT_KINDS)
+
+        QTimer.singleShot(0, rest)  # the next event-loop turn: the first layers are drawn before these are built
         return run
 
 
@@ -641,24 +726,39 @@ def _volume(snapshot: Any) -> Any:
     return vol
 
 
-def _register_job(inputs: list, options: RegisterOptions, progress: Any, should_stop: Any) -> tuple[str, Any]:
-    """Runs in the worker thread. Never raises: napari would show a traceback dialog; returns (status, payload)."""
+def _register_job(inputs: list, options: RegisterOptions, progress: Any, should_stop: Any,
+                  show_fields: Any = None, warming: threading.Thread | None = None) -> tuple[str, Any]:
+    """Runs in the worker thread. Never raises: napari would show a traceback dialog; returns (status, payload).
+
+    ``show_fields(payload)`` gets the layers' data as soon as the fields are on the fixed grid (before the
+    metrics); ``warming``: the warm-up thread, waited for so that the two do not share the cores."""
     from napari_unireg.pipeline import Cancelled
     from napari_unireg.errors import UserError
 
     try:
+        progress("load", 0.0)
+        if warming is not None:
+            warming.join()
         fixed, moving, fseg, mseg = (_volume(s) for s in inputs)
         from napari_unireg.pipeline import register_volumes
 
-        result = register_volumes(
-            fixed, moving, fseg, mseg, options=options, progress=progress, should_stop=should_stop
-        )
-        # the overlays' costly parts here, not in the GUI thread: the layers then appear at once
         from .results import precompute
 
-        progress("write", 0.0)
-        prebuilt = precompute(result, None if fseg is None else fseg.data)
-        progress("write", 1.0)
+        prebuilt: dict = {}
+
+        def fields(early) -> None:
+            # the overlays' costly parts here, not in the GUI thread: the layers then appear at once
+            prebuilt.update(precompute(early, None if fseg is None else fseg.data))
+            if show_fields is not None:
+                shown = threading.Event()
+                show_fields((early, fixed, fseg, moving, mseg, prebuilt, shown))
+                # the metrics wait until the GUI thread has added the layers: computed meanwhile they would
+                # compete with it for the cores and the GIL and the layers would come ~1 s later
+                shown.wait(timeout=SHOW_TIMEOUT_S)
+
+        result = register_volumes(
+            fixed, moving, fseg, mseg, options=options, progress=progress, should_stop=should_stop, on_fields=fields
+        )
         return "ok", (result, fixed, fseg, moving, mseg, prebuilt)
     except Cancelled:
         return "cancelled", None

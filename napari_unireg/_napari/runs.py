@@ -38,6 +38,9 @@ DEFAULT_KINDS = ("warped", "warped labels", "jacobian", "folding", "grid", "cont
 #: (anatomy stays readable), folded voxels marked; the Jacobian colour map (semi-transparent) and the filled
 #: warped labels are an eye-click or an Inspect tick away.
 DEFAULT_VISIBLE = ("warped", "folding", "grid", "contours")
+#: Of those, the ones added in the first event-loop turn (the overlays the user looks at first); the others follow
+#: in the next turn and are sorted into DEFAULT_KINDS' order, so the GUI thread never stalls for all of them.
+FIRST_KINDS = ("warped", "jacobian", "folding", "grid")
 
 #: metadata key on every layer this plugin creates for a run: {"run": id, "kind": kind, ...}
 META_KEY = "unireg"
@@ -92,10 +95,12 @@ class Run:
 
 
 class RunStore:
-    """The runs of one viewer. Signals: ``added(run)``, ``removed(run)``."""
+    """The runs of one viewer. Signals: ``added(run)``, ``removed(run)``, ``changed(run)`` (its result was
+    completed, e.g. the metrics arrived after the layers)."""
 
     added = Signal(object)
     removed = Signal(object)
+    changed = Signal(object)
 
     def __init__(self) -> None:
         self.runs: list[Run] = []
@@ -130,6 +135,11 @@ class RunStore:
         self.runs.append(run)
         self.added.emit(run)
         return run
+
+    def update(self, run: Run, result: RegistrationResult) -> None:
+        """Replace ``run``'s result by its completed version (same fields, the metrics added)."""
+        run.result = result
+        self.changed.emit(run)
 
     def remove(self, run: Run) -> None:
         if run in self.runs:

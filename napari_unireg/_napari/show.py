@@ -49,6 +49,16 @@ def add_kind(viewer: Any, run: Run, kind: str, visible: bool | None = None, **pa
     return added
 
 
+def order_kinds(viewer: Any, run: Run, kinds: tuple[str, ...]) -> None:
+    """Put the run's layers of ``kinds`` into that order, bottom to top, in the slots they occupy now."""
+    layers = [lay for kind in kinds for lay in layers_of(viewer, run, kind)]
+    slots = sorted(viewer.layers.index(lay) for lay in layers)
+    for layer, slot in zip(layers, slots):
+        here = viewer.layers.index(layer)
+        if here != slot:
+            viewer.layers.move(here, slot)
+
+
 def remove_kind(viewer: Any, run: Run, kind: str) -> None:
     for layer in layers_of(viewer, run, kind):
         viewer.layers.remove(layer)

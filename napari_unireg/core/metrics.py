@@ -135,16 +135,35 @@ def warp_labels_nearest(labels: Any, disp: Any) -> np.ndarray:
     u = _as_disp(disp)
     if lab.shape != u.shape[1:]:
         raise UserError(f"label map {tuple(lab.shape)} and displacement grid {tuple(u.shape[1:])} differ")
-    # slabs along axis 0: the float64 coordinates of a slab stay small (cache) instead of 3×8 bytes per voxel;
-    # each position is the same float64 sum ``p + u(p)`` as with one full coordinate array
+    # Slabs along axis 0 (float64 temporaries stay in the cache), two threads (numpy releases the GIL). Each
+    # position is the float64 sum ``p + u(p)`` and the rule that of ``map_coordinates(order=0, mode='constant')``:
+    # index ``floor(x + 0.5)``, fill 0 where ``x < 0`` or ``x > n − 1`` (see resample._nearest_fill).
     out = np.empty(lab.shape, dtype=lab.dtype)
-    n0 = lab.shape[0]
-    for s in range(0, n0, _SLAB // 4):
-        e = min(s + _SLAB // 4, n0)
-        coords = np.indices((e - s, *lab.shape[1:]), dtype=np.float64)
-        coords[0] += s
-        coords += u[:, s:e]
-        out[s:e] = sample_points(lab, coords, order=0, outside="fill")
+    flat_src = lab.reshape(-1)
+    shape = lab.shape
+    ramps = [np.arange(n, dtype=np.float64).reshape([-1 if a == ax else 1 for a in range(3)])
+             for ax, n in enumerate(shape)]
+
+    def slab(s: int) -> None:
+        e = min(s + _SLAB // 4, shape[0])
+        flat = inside = None
+        for ax, n in enumerate(shape):
+            c = u[ax, s:e] + (ramps[ax][s:e] if ax == 0 else ramps[ax])
+            ok = (c >= 0) & (c <= n - 1)
+            inside = ok if inside is None else inside & ok
+            c += 0.5
+            np.floor(c, out=c)
+            np.clip(c, 0, n - 1, out=c)
+            idx = c.astype(np.intp)
+            flat = idx if flat is None else flat * n + idx
+        vals = flat_src[flat]
+        vals[~inside] = 0
+        out[s:e] = vals
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(slab, range(0, shape[0], _SLAB // 4)))
     return out
 
 
@@ -209,10 +228,32 @@ def _bounding_boxes(a: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[sli
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    """Label voxels minus the 6-connected erosion (voxels on the array border count as surface)."""
-    from scipy.ndimage import binary_erosion, generate_binary_structure
+    """Label voxels minus the 6-connected erosion (voxels on the array border count as surface).
 
-    return mask & ~binary_erosion(mask, structure=generate_binary_structure(3, 1), border_value=0)
+    ``binary_erosion(mask, 6-cross, border_value=0)`` keeps a voxel when it and its 6 neighbours are set, so the
+    surface is a set voxel with an unset (or outside) neighbour: written as shifted slices, which on the small
+    per-label crops of HD95 is ~10× faster than scipy's iterator and releases the GIL (metrics run threaded).
+    """
+    inner = np.zeros_like(mask)
+    inner[1:-1, 1:-1, 1:-1] = mask[1:-1, 1:-1, 1:-1]
+    for ax in range(3):
+        lo = [slice(1, -1)] * 3
+        hi = [slice(1, -1)] * 3
+        lo[ax], hi[ax] = slice(0, -2), slice(2, None)
+        inner[1:-1, 1:-1, 1:-1] &= mask[tuple(lo)] & mask[tuple(hi)]
+    return mask & ~inner
+
+
+def _dilate6(mask: np.ndarray) -> np.ndarray:
+    """``binary_dilation(mask, 6-cross)`` (outside = unset) as shifted slices."""
+    out = mask.copy()
+    for ax in range(3):
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[ax], b[ax] = slice(1, None), slice(None, -1)
+        out[tuple(a)] |= mask[tuple(b)]
+        out[tuple(b)] |= mask[tuple(a)]
+    return out
 
 
 def hd95_per_label(
@@ -230,7 +271,6 @@ def hd95_per_label(
     voxel centres in mm (a k-d tree): the same value a Euclidean distance transform reads, without transforming
     every voxel of the crop.
     """
-    from scipy.ndimage import binary_dilation, generate_binary_structure
     from scipy.spatial import cKDTree
 
     f = _as_labels(fixed, "fixed labels")
@@ -238,7 +278,6 @@ def hd95_per_label(
     _check_same_shape(f, w, "hd95")
     spacing = tuple(float(s) for s in spacing)
     unit = spacing == (1.0, 1.0, 1.0)
-    cross = generate_binary_structure(3, 1)
     if len(spacing) != 3:
         raise UserError(f"spacing must have 3 values, got {spacing}")
     if labels is None:
@@ -247,10 +286,10 @@ def hd95_per_label(
     bf = _bounding_boxes(f, labels)
     bw = _bounding_boxes(w, labels)
     margin = max(int(margin), 1)  # ≥ 1 so that the erosion inside the crop equals the erosion of the volume
-    out: dict[int, float] = {}
-    for lab in labels:
+
+    def one(lab: int) -> float | None:
         if bf[lab] is None or bw[lab] is None:
-            continue
+            return None
         crop = tuple(
             slice(max(min(a.start, b.start) - margin, 0), min(max(a.stop, b.stop) + margin, n))
             for a, b, n in zip(bf[lab], bw[lab], f.shape)
@@ -269,17 +308,21 @@ def hd95_per_label(
         if unit:
             # on a 1 mm grid a voxel off the other surface with a 6-neighbour on it is at distance exactly 1 (the
             # smallest non-zero distance between voxel centres; the query returns sqrt(1.0) = 1.0)
-            na, nb = ra & binary_dilation(sb, cross), rb & binary_dilation(sa, cross)
+            na, nb = ra & _dilate6(sb), rb & _dilate6(sa)
             known_a.append(np.ones(int(np.count_nonzero(na))))
             known_b.append(np.ones(int(np.count_nonzero(nb))))
             ra, rb = ra & ~na, rb & ~nb
-        d_ab, _ = cKDTree(pb, balanced_tree=False, compact_nodes=False).query(np.argwhere(ra) * spacing, k=1,
-                                                                            workers=-1)
-        d_ba, _ = cKDTree(pa, balanced_tree=False, compact_nodes=False).query(np.argwhere(rb) * spacing, k=1,
-                                                                            workers=-1)
-        out[lab] = float(max(np.percentile(np.concatenate([*known_a, d_ab]), 95),
-                             np.percentile(np.concatenate([*known_b, d_ba]), 95)))
-    return out
+        d_ab, _ = cKDTree(pb, balanced_tree=False, compact_nodes=False).query(np.argwhere(ra) * spacing, k=1)
+        d_ba, _ = cKDTree(pa, balanced_tree=False, compact_nodes=False).query(np.argwhere(rb) * spacing, k=1)
+        return float(max(np.percentile(np.concatenate([*known_a, d_ab]), 95),
+                         np.percentile(np.concatenate([*known_b, d_ba]), 95)))
+
+    # labels are independent and their work is numpy and the k-d tree (both release the GIL): two threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        values = list(pool.map(one, labels))
+    return {lab: v for lab, v in zip(labels, values) if v is not None}
 
 
 def hd95_mean(
@@ -580,9 +623,9 @@ def evaluate_registration(
     """
     u = _as_disp(disp)
     grid = u.shape[1:]
-    result: dict[str, Any] = {}
     if (fixed_labels is None) != (moving_labels is None):
         raise UserError("Dice/HD95 need both the fixed and the moving label maps")
+    fl = ml = None
     if fixed_labels is not None:
         fl = _as_labels(fixed_labels, "fixed labels")
         ml = _as_labels(moving_labels, "moving labels")
@@ -590,22 +633,7 @@ def evaluate_registration(
             raise UserError(
                 f"label maps {tuple(fl.shape)}, {tuple(ml.shape)} must be on the displacement grid {tuple(grid)}"
             )
-        if labels is None:
-            labels = _default_labels(fl, ml)
-        labels = [int(v) for v in labels]
-        warped = warp_labels_nearest(ml, u)
-        dpl = dice_per_label(fl, warped, labels, moving=ml)
-        dbl = dice_per_label(fl, ml, labels)
-        hpl = hd95_per_label(fl, warped, labels, spacing)
-        result.update(
-            dice=_mean(dpl.values()),
-            dice_per_label=dpl,
-            dice_before=_mean(dbl.values()),
-            dice_before_per_label=dbl,
-            hd95=_mean(hpl.values()),
-            hd95_per_label=hpl,
-            hd95_undefined_labels=sum(1 for k in dpl if k not in hpl),
-        )
+        labels = _default_labels(fl, ml) if labels is None else [int(v) for v in labels]
     mask = None
     if fixed_image is not None:
         img = _to_numpy(fixed_image)
@@ -614,8 +642,34 @@ def evaluate_registration(
         if img.shape != grid:
             raise UserError(f"fixed image {tuple(img.shape)} is not on the displacement grid {tuple(grid)}")
         mask = img > 0
-    jac = _cropped_jacobian_checked(u)  # shared by SDlogJ and folding: the Jacobian is the costly part
-    result["sdlogj"] = _sdlogj_of(jac)
-    result["folded_pct"] = 100.0 * _folded_fraction_of(jac)
-    result["ndv"] = ndv(u, mask)
+
+    def overlap() -> dict[str, Any]:
+        warped = warp_labels_nearest(ml, u)
+        dpl = dice_per_label(fl, warped, labels, moving=ml)
+        dbl = dice_per_label(fl, ml, labels)
+        hpl = hd95_per_label(fl, warped, labels, spacing)
+        return dict(
+            dice=_mean(dpl.values()),
+            dice_per_label=dpl,
+            dice_before=_mean(dbl.values()),
+            dice_before_per_label=dbl,
+            hd95=_mean(hpl.values()),
+            hd95_per_label=hpl,
+            hd95_undefined_labels=sum(1 for k in dpl if k not in hpl),
+        )
+
+    def regularity() -> dict[str, Any]:
+        jac = _cropped_jacobian_checked(u)  # shared by SDlogJ and folding: the Jacobian is the costly part
+        return {"sdlogj": _sdlogj_of(jac), "folded_pct": 100.0 * _folded_fraction_of(jac), "ndv": ndv(u, mask)}
+
+    if fl is None:
+        return regularity()
+    # The two halves share nothing and spend their time in numpy (which releases the GIL) and the k-d tree, so
+    # two threads overlap them; each value is computed exactly as alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reg = pool.submit(regularity)
+        result = overlap()
+        result.update(reg.result())
     return result

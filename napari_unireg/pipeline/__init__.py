@@ -4,7 +4,7 @@ metrics → write, :mod:`.stages`); the public API the CLI, the napari widgets a
 from ..errors import Cancelled
 from .device import available_devices, resolve_device
 from .models import default_model_name
-from .register import register_volumes, validate_options
+from .register import register_volumes, validate_options, warm_up
 from .types import STAGE_WEIGHTS, STAGES, RegisterOptions, RegistrationResult
 from .write import OUTPUTS, RESULT_FILES, json_ready, write_result
 
@@ -22,5 +22,6 @@ __all__ = [
     "register_volumes",
     "resolve_device",
     "validate_options",
+    "warm_up",
     "write_result",
 ]

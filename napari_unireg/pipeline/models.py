@@ -21,6 +21,9 @@ CLASSICAL = "classical"
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 2
 _LOCK = threading.Lock()
+#: held while a network loads: a second caller (a Run started while the widget warms the model) waits for it and
+#: then finds it in the cache instead of loading it twice
+_LOADING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -110,18 +113,19 @@ def load_model(model: str, checkpoint: str | None, device) -> LoadedModel:
         return LoadedModel(CLASSICAL, None, {"name": CLASSICAL, "resolution": "half"}, True)
     check_model(key)
     cache_key = (key, str(device), _file_stamp(key))
-    with _LOCK:
-        hit = _CACHE.get(cache_key)
-        if hit is not None:
-            _CACHE.move_to_end(cache_key)
-            return hit
-    loaded = _load(key, device)
-    with _LOCK:
-        for old in [k for k in _CACHE if k[:2] == cache_key[:2]]:
-            del _CACHE[old]  # the same model from an older file
-        _CACHE[cache_key] = loaded
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+    with _LOADING:
+        with _LOCK:
+            hit = _CACHE.get(cache_key)
+            if hit is not None:
+                _CACHE.move_to_end(cache_key)
+                return hit
+        loaded = _load(key, device)
+        with _LOCK:
+            for old in [k for k in _CACHE if k[:2] == cache_key[:2]]:
+                del _CACHE[old]  # the same model from an older file
+            _CACHE[cache_key] = loaded
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
     return loaded
 
 

@@ -11,6 +11,7 @@ every option before anything is loaded.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from ..core.intensity import MODEL_SHAPE
 from ..errors import Cancelled, UserError
@@ -26,6 +27,7 @@ __all__ = [
     "default_model_name",
     "validate_options",
     "register_volumes",
+    "warm_up",
     "write_result",
     "provenance",
     "json_ready",
@@ -87,11 +89,15 @@ def register_volumes(
     options: RegisterOptions | None = None,
     progress: ProgressCallback | None = None,
     should_stop: StopCallback | None = None,
+    on_fields: Callable[[RegistrationResult], None] | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (canonical Volumes); see the module docstring for the path.
 
     ``progress(stage, fraction)`` reports the stages of :data:`~napari_unireg.pipeline.types.STAGES`;
     ``should_stop()`` is polled between steps and raises :class:`Cancelled` when it returns True.
+    ``on_fields(result)``, when given, receives the result as soon as the fields are on the fixed grid, before
+    the metrics are computed (its ``metrics`` holds the run's facts, no scores yet): a viewer shows the layers
+    while the metrics run. The returned result is a new object with the scores.
     """
     options = validate_options(options or RegisterOptions())
     given = stages.Inputs(fixed, moving, fixed_seg, moving_seg)
@@ -162,13 +168,6 @@ def register_volumes(
     del field
     seconds["registration"] = time.perf_counter() - t_start
 
-    metrics: dict = {}
-    if options.metrics:
-        report = reporter("metrics")
-        report(0.0)
-        metrics = stages.metrics(on_grid, disp_model, inverse_model)
-        report(1.0)
-        lap("metrics")
     native = stages.native_grid(on_grid, disp_model, inverse_model, inputs)
     warped_head = None
     if stripped is not None and stripped.moving is not moving:  # the head as given, through the same field
@@ -176,30 +175,57 @@ def register_volumes(
 
         warped_head = warp_with_field(moving, fixed, native.disp)
     lap("native")
-    seconds["total"] = time.perf_counter() - t_start
-    metrics.update(
-        model=model.name,
-        device=str(device),
-        weights_trained=bool(model.trained),
-        seconds=dict(seconds),
-        prealign=options.prealign,
-        io_steps=options.io_steps,
-    )
+    facts = dict(model=model.name, device=str(device), weights_trained=bool(model.trained), prealign=options.prealign,
+                 io_steps=options.io_steps)
     if stripped is not None:
-        metrics["skull_strip"] = list(stripped.messages)
-    return RegistrationResult(
-        disp_model=disp_model,
-        disp_native=native.disp,
-        warped=native.warped,
-        jacobian=native.jacobian,
-        metrics=metrics,
-        warped_seg=native.warped_seg,
-        inverse_native=native.inverse,
-        prealign_matrix=matrix,
-        model_name=model.name,
-        device=str(device),
-        seconds=seconds,
-        weights_trained=bool(model.trained),
-        brain_mask_fixed=None if stripped is None or stripped.fixed_mask is None else stripped.fixed_mask.data,
-        warped_head=warped_head,
-    )
+        facts["skull_strip"] = list(stripped.messages)
+
+    def result(metrics: dict) -> RegistrationResult:
+        return RegistrationResult(
+            disp_model=disp_model,
+            disp_native=native.disp,
+            warped=native.warped,
+            jacobian=native.jacobian,
+            metrics=metrics,
+            warped_seg=native.warped_seg,
+            inverse_native=native.inverse,
+            prealign_matrix=matrix,
+            model_name=model.name,
+            device=str(device),
+            seconds=dict(seconds),
+            weights_trained=bool(model.trained),
+            brain_mask_fixed=None if stripped is None or stripped.fixed_mask is None else stripped.fixed_mask.data,
+            warped_head=warped_head,
+        )
+
+    if on_fields is not None:
+        on_fields(result({**facts, "seconds": dict(seconds)}))
+        lap("shown")  # the front end's time (not the metrics')
+    scores: dict = {}
+    if options.metrics:
+        report = reporter("metrics")
+        report(0.0)
+        scores = stages.metrics(on_grid, disp_model, inverse_model)
+        report(1.0)
+        lap("metrics")
+    seconds["total"] = time.perf_counter() - t_start
+    return result({**scores, **facts, "seconds": dict(seconds)})
+
+
+def warm_up(options: RegisterOptions | None = None) -> None:
+    """Load the network of ``options`` and run it once on an empty pair of the model grid's shape.
+
+    The next registration then pays neither the loading nor the first call's set-up of every convolution shape
+    (oneDNN's kernel choice on CPU, cuDNN's on CUDA). For a front end to call while the user is still choosing
+    (the napari widget does it in a thread); the classical method has nothing to warm.
+    """
+    import torch
+
+    options = validate_options(options or RegisterOptions())
+    device = resolve_device(options.device)
+    model = load_model(options.model, options.checkpoint, device)
+    if model.net is None:
+        return
+    empty = torch.zeros((1, 1, *options.grid_shape), dtype=torch.float32, device=device)
+    stages.predict(model, empty, empty, resolution=model.resolution(options.resolution), amp=options.amp,
+                   io_lambda=options.io_lambda, io_fold_weight=options.io_fold_weight, report=lambda _f: None)

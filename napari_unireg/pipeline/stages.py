@@ -10,8 +10,11 @@ units of their grid, pull convention (:mod:`napari_unireg.core.grid`).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,18 +144,47 @@ def check_overlap(inputs: Inputs) -> None:
                     "the header")
 
 
+#: The last few pre-alignments, by the content of the pair (:func:`_pair_digest`): a front end that runs another
+#: model or refinement on the same pair (the napari widget, a notebook) does not pay the ~2–4 s search again.
+_PREALIGN_MEMO: OrderedDict[bytes, np.ndarray] = OrderedDict()
+_PREALIGN_MEMO_SIZE = 4
+_PREALIGN_LOCK = threading.Lock()
+
+
+def _pair_digest(inputs: Inputs, method: str) -> bytes:
+    """A digest of both images' voxels and voxel→world matrices (BLAKE2, ~50 ms for two 1 mm brains)."""
+    h = hashlib.blake2b(method.encode(), digest_size=20)
+    for vol in (inputs.fixed, inputs.moving):
+        data = np.ascontiguousarray(vol.data)
+        h.update(f"{data.dtype.str}{data.shape}".encode())
+        h.update(memoryview(data).cast("B"))
+        h.update(np.asarray(vol.affine, dtype=np.float64).tobytes())
+    return h.digest()
+
+
 def prealign(inputs: Inputs, method: str, report: Report, should_stop=None) -> np.ndarray | None:
-    """The affine pre-alignment (world, pull: fixed point → moving point), or None for ``method='none'``."""
+    """The affine pre-alignment (world, pull: fixed point → moving point), or None for ``method='none'``.
+    Remembered for the last few pairs (same voxels and matrices give the same search, so its result)."""
     if method == "none":
         return None
     from ..core.prealign import affine_prealign
 
+    key = _pair_digest(inputs, method)
+    with _PREALIGN_LOCK:
+        if key in _PREALIGN_MEMO:
+            _PREALIGN_MEMO.move_to_end(key)
+            return _PREALIGN_MEMO[key].copy()
     try:
         result = affine_prealign(inputs.fixed.data, inputs.moving.data, inputs.fixed.affine, inputs.moving.affine,
                                  should_stop=should_stop, progress=lambda _stage, f: report(f))
     except InterruptedError:
         raise Cancelled() from None
-    return np.asarray(result.matrix, dtype=np.float64)
+    matrix = np.asarray(result.matrix, dtype=np.float64)
+    with _PREALIGN_LOCK:
+        _PREALIGN_MEMO[key] = matrix.copy()
+        while len(_PREALIGN_MEMO) > _PREALIGN_MEMO_SIZE:
+            _PREALIGN_MEMO.popitem(last=False)
+    return matrix
 
 
 #: Below this fraction of the fixed brain inside the moving image's field of view, the user is warned.
@@ -305,9 +337,11 @@ def check_memory(fixed_shape, moving_shape=None, available: int | None = None) -
     return f"memory: about {need / 2**30:.1f} GB needed{avail} (fixed grid {shape})"
 
 
-#: Voxels per slab of the native-grid stage: bounds its float64 coordinate temporaries (~24 bytes a voxel per
-#: array) to ~100 MB whatever the fixed image's size.
-NATIVE_SLAB_VOXELS = 4_000_000
+#: Voxels per slab of the native-grid stage: with :data:`NATIVE_THREADS` slabs in flight its float64 coordinate
+#: temporaries (~24 bytes a voxel per array) stay ~100 MB whatever the fixed image's size.
+NATIVE_SLAB_VOXELS = 2_000_000
+#: Slabs computed at once: their work is numpy and ``map_coordinates``, which release the GIL.
+NATIVE_THREADS = 2
 
 
 def native_slabs(shape) -> list[tuple[int, int]]:
@@ -346,7 +380,8 @@ def native_grid(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None,
     warped = np.empty(shape, dtype=np.float32)
     seg = inputs.moving_seg
     warped_seg = np.empty(shape, dtype=seg.data.dtype) if seg is not None else None
-    for rows in native_slabs(shape):
+
+    def slab(rows: tuple[int, int]) -> None:
         v = _field_rows(grid.mapping, disp, rows)  # native voxels, without the pre-alignment
         ident = np.indices((rows[1] - rows[0], *shape[1:]), dtype=np.float64)
         ident[0] += rows[0]
@@ -357,7 +392,11 @@ def native_grid(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None,
         warped[rows[0]:rows[1]] = pull(inputs.moving, fixed, fixed_coords, order=1)
         if seg is not None:
             warped_seg[rows[0]:rows[1]] = pull(seg, fixed, fixed_coords, order=0)
-        del fixed_coords
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=NATIVE_THREADS) as pool:
+        list(pool.map(slab, native_slabs(shape)))  # list(): re-raises a slab's exception
     return NativeOutputs(
         disp=disp_native,
         warped=warped,
