@@ -34,14 +34,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_cohort(folder: Path, n: int) -> Path:
-    """N copies of the demo pair (fixed_k, moving_k) and pairs.csv listing them."""
+    """N copies of the demo pair (fixed_k, moving_k) and pairs.csv listing them. Each moving copy differs from the
+    others in one background corner voxel, so that no pair is a repeat of another (the engine remembers the
+    pre-alignment of a pair it has seen)."""
+    import nibabel as nib
+    import numpy as np
+
     from napari_unireg.io.demo import demo_files
 
     demo = demo_files()
+    moving = nib.load(demo["moving"])
+    data = np.asarray(moving.dataobj)
     rows = ["fixed,moving"]
     for k in range(n):
-        for role in ("fixed", "moving"):
-            shutil.copyfile(demo[role], folder / f"{role}_{k:03d}.nii.gz")
+        shutil.copyfile(demo["fixed"], folder / f"fixed_{k:03d}.nii.gz")
+        marked = data.copy()
+        marked[0, 0, 0] = marked[0, 0, 0] + k
+        nib.save(nib.Nifti1Image(marked, moving.affine, moving.header), folder / f"moving_{k:03d}.nii.gz")
         rows.append(f"fixed_{k:03d}.nii.gz,moving_{k:03d}.nii.gz")
     (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
     return folder / "pairs.csv"

@@ -665,3 +665,29 @@ def test_auto_precision_per_machine(tmp_path):
         precision.amp_dtype("fp16", cpu)
     with pytest.raises(UserError, match="amp must be"):
         precision.amp_dtype("fp8", cpu)
+
+
+def test_smooth_random_field_is_upsampling_then_gaussian_blur():
+    """The separable-matrix field equals the definition: the control grid trilinearly upsampled (torch,
+    align_corners) then blurred with σ = spacing/4 and replicate borders (scipy's gaussian_filter, mode nearest)."""
+    import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
+
+    from napari_unireg.train.augment import _coarse_size, smooth_random_field
+
+    shape, amplitude, spacing = (40, 37, 29), 2.5, 16.0  # σ = 4: 3σ is a whole radius, as scipy's truncate=3
+    field = smooth_random_field(shape, np.random.default_rng(5), amplitude, spacing).numpy()
+    coarse = np.random.default_rng(5).uniform(-1, 1, size=(1, 3, *_coarse_size(shape, spacing))).astype(np.float32)
+    up = F.interpolate(torch.from_numpy(coarse) * amplitude, size=shape, mode="trilinear", align_corners=True)
+    ref = np.stack([gaussian_filter(up[0, c].double().numpy(), 4.0, mode="nearest", truncate=3.0) for c in range(3)])
+    assert field.shape == (1, 3, *shape)
+    np.testing.assert_allclose(field[0], ref, atol=1e-5)
+
+
+def test_unique_inverse_is_numpy_unique():
+    from napari_unireg.train.synth import _unique_inverse
+
+    for values in (np.random.default_rng(2).integers(0, 5000, 10_000), np.array([-3, 7, 7, 2]), np.array([0, 0, 4])):
+        codes, inverse = _unique_inverse(values)
+        ref_codes, ref_inverse = np.unique(values, return_inverse=True)
+        assert np.array_equal(codes, ref_codes) and np.array_equal(inverse, ref_inverse)

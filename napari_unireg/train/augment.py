@@ -8,6 +8,7 @@ pull (``warped(p) = image(p + u(p))``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -62,19 +63,48 @@ def _coarse_size(shape: Sequence[int], spacing: float) -> list[int]:
     return [max(2, int(math.ceil((n - 1) / max(spacing, 1.0))) + 1) for n in shape]
 
 
+@functools.lru_cache(maxsize=64)
+def _smoothing_matrix(n: int, c: int, sigma: float) -> np.ndarray:
+    """``n×c`` matrix of one axis of :func:`smooth_random_field`: linear interpolation of ``c`` control values onto
+    ``n`` voxels (``align_corners=True``) followed by :func:`gaussian_blur`'s 1-D kernel with replicate padding.
+
+    Both steps are linear and separable, so the field is this matrix applied along each axis of the control
+    grid: the same values as upsampling the whole volume and blurring it (up to float rounding), at a small
+    fraction of the cost (the blur of a full-size field was ~70 % of a training pair's data time)."""
+    pos = np.arange(n, dtype=np.float64) * ((c - 1) / (n - 1) if n > 1 else 0.0)
+    i0 = np.clip(np.floor(pos).astype(np.int64), 0, c - 1)
+    i1 = np.minimum(i0 + 1, c - 1)
+    w = pos - i0
+    up = np.zeros((n, c))
+    np.add.at(up, (np.arange(n), i0), 1.0 - w)
+    np.add.at(up, (np.arange(n), i1), w)
+    if sigma <= 0:
+        return up
+    r = max(1, int(math.ceil(3 * sigma)))
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t / sigma) ** 2)
+    k /= k.sum()
+    blur = np.zeros((n, n))
+    for j, kj in enumerate(k):
+        np.add.at(blur, (np.arange(n), np.clip(np.arange(n) + j - r, 0, n - 1)), kj)
+    return blur @ up
+
+
 def smooth_random_field(
     shape: Sequence[int], rng: np.random.Generator, amplitude: float, spacing: float, channels: int = 3
 ):
     """``1×C×S`` smooth random field: uniform control values in [-amplitude, amplitude] every ``spacing`` voxels,
-    trilinearly interpolated (``align_corners=True``) and lightly smoothed."""
+    trilinearly interpolated (``align_corners=True``) and lightly smoothed (Gaussian, σ = spacing/4 from a spacing
+    of 4 voxels), applied axis by axis with :func:`_smoothing_matrix`."""
     import torch
-    import torch.nn.functional as F
 
     coarse = rng.uniform(-1.0, 1.0, size=(1, channels, *_coarse_size(shape, spacing))).astype(np.float32)
-    field = F.interpolate(
-        torch.from_numpy(coarse) * float(amplitude), size=tuple(shape), mode="trilinear", align_corners=True
-    )
-    return gaussian_blur(field, max(spacing / 4.0, 0.0)) if spacing >= 4 else field
+    sigma = spacing / 4.0 if spacing >= 4 else 0.0
+    field = torch.from_numpy(coarse) * float(amplitude)
+    for axis, n in enumerate(shape):
+        m = torch.from_numpy(_smoothing_matrix(int(n), int(coarse.shape[2 + axis]), float(sigma)).astype(np.float32))
+        field = torch.movedim(torch.tensordot(field, m, dims=([2 + axis], [1])), -1, 2 + axis)
+    return field.contiguous()
 
 
 def random_affine_disp(

@@ -117,6 +117,17 @@ def paint(index, codes: np.ndarray, rng: np.random.Generator, cfg: Any, contrast
     return (img.clamp(0.0, 1.0) * mask).float()
 
 
+def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` for label codes: a count and a lookup table instead of a sort
+    when the codes are small non-negative integers (SynthSeg/FreeSurfer maps), the same arrays."""
+    if values.size and values.min() >= 0 and values.max() < 2**16:
+        present = np.flatnonzero(np.bincount(values))
+        lut = np.zeros(int(present[-1]) + 1, dtype=np.intp)
+        lut[present] = np.arange(present.size)
+        return present.astype(values.dtype), lut[values]
+    return np.unique(values, return_inverse=True)
+
+
 def synthesize_pair(
     map_a: np.ndarray, map_b: np.ndarray, rng: np.random.Generator, cfg: Any, factor: int = 1, t1_codes: bool = True
 ) -> dict[str, Any]:
@@ -142,7 +153,7 @@ def synthesize_pair(
         if u is not None:
             lab = warp_labels(lab, u)
         warped.append(lab)
-    codes, inverse = np.unique(np.concatenate([w.reshape(-1).numpy() for w in warped]), return_inverse=True)
+    codes, inverse = _unique_inverse(np.concatenate([w.reshape(-1).numpy() for w in warped]))
     n = warped[0].numel()
     idx = [
         torch.from_numpy(inverse[:n].reshape(warped[0].shape)),
