@@ -24,6 +24,17 @@ of another checkout (e.g. ``git worktree add /tmp/old-train main``) in the same 
 
     python benchmarks/training.py --profile --models dp-vfa dp-convic-c --sizes half --amp fp32 bf16 \
         --steps 2 --threads 2 --data ../shared/data/dataset.json --out bench/training_cpu.json
+
+``--recipe-compare OLD_TREE --data DATASET.json`` runs the real thing twice, one after the other on the same
+machine: ``unireg train`` of this checkout and of ``OLD_TREE`` (a git worktree of the release before), each in a
+fresh process with the campaign recipe (half resolution, ``amp auto``, 30 % synthesised pairs, augmentation, one
+DataLoader worker, from the bundled weights, the same seed, no validation) for ``--steps`` steps, and prints wall
+seconds per step (median of ``log.csv`` after two warm-up steps), the data loader's wait per step and the CPU
+seconds of the whole process tree. Both draw the same pairs and augmentations, so a step buys the same Dice in
+both: the ratio of steps per CPU-hour is the ratio of Dice per CPU-hour.
+
+    python benchmarks/training.py --recipe-compare /tmp/old-main --data ../shared/data/dataset.json \
+        --models dp-vfa dp-conv-mf --steps 12
 """
 
 from __future__ import annotations
@@ -310,6 +321,68 @@ def format_markdown(rows: list[dict], machine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recipe_run(tree: Path, model: str, dataset: str, steps: int, threads: int, work: Path) -> dict:
+    """One ``unireg train`` of ``tree`` with the campaign recipe: per-step seconds from its log, process CPU."""
+    import csv
+    import statistics
+
+    out = work / f"{tree.name}-{model}"
+    dataset = str(Path(dataset).resolve())
+    maps = Path(dataset).parent / "synthseg_labels"
+    cmd = [sys.executable, "-m", "napari_unireg.train", "--model", model, "--data", dataset, "--out", str(out),
+           "--resolution", "half", "--amp", "auto", "--threads", str(threads), "--workers", "1",
+           "--steps", str(steps), "--init-encoder", str(tree / "models" / f"{model}.safetensors"),
+           "--set", "synth.prob=0.3", "--set", f"synth.label_maps=[{maps}]", "--set", "augment.enabled=true",
+           "--set", "data.seed=11", "--set", "val.every_steps=0", "--set", "val.max_pairs=1",
+           "--set", "val.full_resolution=false", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(threads))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=str(tree), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        return {"tree": str(tree), "model": model, "error": proc.stderr.strip().splitlines()[-1:]}
+    with open(out / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    secs = [float(r["seconds"]) for r in rows[2:]]
+    data = [float(r["data_seconds"]) for r in rows[2:]]
+    return {"tree": str(tree), "model": model, "steps": len(rows), "wall_s": wall,
+            "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+            "s_per_step": statistics.median(secs), "data_wait_s": statistics.median(data),
+            "last_loss": float(rows[-1]["loss"])}
+
+
+def recipe_compare(old_tree: Path, models: list[str], dataset: str, steps: int, threads: int) -> str:
+    """Old and new ``unireg train`` side by side, one model after the other; a Markdown table."""
+    import shutil
+    import tempfile
+
+    new_tree = Path(__file__).resolve().parents[1]
+    work = Path(tempfile.mkdtemp(prefix="unireg_train_compare_"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from accuracy import machine_info, machine_line
+
+    lines = [f"`unireg train`, campaign recipe, {steps} steps, {threads} threads, "
+             f"{machine_line(machine_info(threads, 'cpu'))}", "",
+             "| model | checkout | s / step (median) | data wait / step | CPU s (process tree) | steps / CPU-hour | "
+             "last loss |", "|---|---|---|---|---|---|---|"]
+    try:
+        for model in models:
+            for label, tree in (("old", old_tree), ("new", new_tree)):
+                r = recipe_run(tree, model, dataset, steps, threads, work)
+                if "error" in r:
+                    lines.append(f"| {model} | {label} | FAILED: {r['error']} | | | | |")
+                    continue
+                print(f"  {model} {label}: {r['s_per_step']:.2f} s/step, {r['cpu_s']:.0f} CPU s", flush=True)
+                lines.append(f"| {model} | {label} ({tree}) | {r['s_per_step']:.2f} | {r['data_wait_s']:.2f} | "
+                             f"{r['cpu_s']:.0f} | {3600 * r['steps'] / r['cpu_s']:.0f} | {r['last_loss']:.4f} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines.append(f"\nload average {os.getloadavg()[0]:.1f} at end. CPU s include start-up and export.")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DP, help=f"registry names, or {VXM_PACKAGE}")
@@ -326,10 +399,17 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="dataset.json: --profile also times the data path")
     p.add_argument("--data-items", type=int, default=6, help="training items the data timing averages")
     p.add_argument("--old-tree", default=None, help="another checkout whose train step --profile also times")
+    p.add_argument("--recipe-compare", default=None, metavar="OLD_TREE",
+                   help="time `unireg train` (campaign recipe) of this checkout and OLD_TREE, side by side")
     p.add_argument("--profile-child", nargs=4, metavar=("MODEL", "SHAPE", "DEVICE", "AMP"), help=argparse.SUPPRESS)
     p.add_argument("--data-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=3, metavar=("MODEL", "SHAPE", "DEVICE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.recipe_compare is not None:
+        if not args.data:
+            p.error("--recipe-compare needs --data DATASET.json")
+        print(recipe_compare(Path(args.recipe_compare).resolve(), args.models, args.data, args.steps, args.threads))
+        return 0
     if args.profile_child:
         name, shape, device, amp = args.profile_child
         shape = tuple(int(s) for s in shape.split("x"))
