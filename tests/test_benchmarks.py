@@ -313,3 +313,22 @@ def test_robustness_corruption_is_deterministic_and_keeps_the_background():
     inside = img > 0
     assert np.corrcoef(a[inside], img[inside])[0, 1] > 0.5  # still the same anatomy
     assert np.abs(a[inside] - img[inside] / np.percentile(img[inside], 99.5)).mean() > 0.02  # but harder
+
+
+def test_refinement_benchmark_never_picks_a_validation_pair(tmp_path):
+    """The refinement settings are chosen on training pairs: no pair of the list is a validation pair, in either
+    direction, and disjoint pairs come first."""
+    import refinement
+
+    train = [{"image": f"./imagesTr/s{i}.nii.gz", "label": f"./labelsTr/s{i}.nii.gz"} for i in range(5)]
+    train.append({"image": "./imagesTr/unlabelled.nii.gz"})
+    val = [{"fixed": "./imagesTr/s0.nii.gz", "moving": "./imagesTr/s1.nii.gz"},
+           {"fixed": "./imagesTr/s3.nii.gz", "moving": "./imagesTr/s2.nii.gz"}]
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"training": train, "registration_val": val}))
+    pairs = refinement.training_pairs(path, 3)
+    names = [(f.name, m.name) for f, m, _, _ in pairs]
+    assert len(pairs) == 3 and all(seg.name == img.name for img, _, seg, _ in pairs)
+    banned = {frozenset(("s0.nii.gz", "s1.nii.gz")), frozenset(("s2.nii.gz", "s3.nii.gz"))}
+    assert not any(frozenset(p) in banned for p in names) and "unlabelled.nii.gz" not in str(names)
+    assert names[0] == ("s0.nii.gz", "s2.nii.gz") and names[1] == ("s1.nii.gz", "s3.nii.gz")
