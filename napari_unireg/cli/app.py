@@ -30,9 +30,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="model grid in 1 mm voxels, each ≥ 32 and a multiple of 8 "
                         "(default: the Learn2Reg box 160 224 192)")
     p.add_argument("--outputs", default=None, metavar="LIST",
-                   help="comma-separated results to write (default all): "
-                        "warped,disp,disp_itk,jacobian,warped_seg,brain_mask_fixed,warped_head,metrics "
-                        "(the last three of these only when labels / brain extraction give them); run.json always")
+                   help="comma-separated results to write (default all but disp_npz): "
+                        "warped,disp,disp_itk,disp_npz,jacobian,warped_seg,brain_mask_fixed,warped_head,metrics "
+                        "(disp_npz: disp.npz, the field as a float16 Learn2Reg submission file; warped_seg, "
+                        "brain_mask_fixed, warped_head only when labels / brain extraction give them); run.json "
+                        "always")
     p.add_argument("--out", default="unireg_out", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

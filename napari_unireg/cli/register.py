@@ -118,7 +118,7 @@ def summary(metrics: dict, wall: float | None = None) -> str:
 
 
 def parse_outputs(text: str | None):
-    """``--outputs warped,disp,...`` → a tuple of output names (None = all)."""
+    """``--outputs warped,disp,...`` → a tuple of output names (None = the defaults)."""
     from ..pipeline.write import check_outputs
 
     return None if text is None else check_outputs(text)

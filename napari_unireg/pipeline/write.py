@@ -2,7 +2,8 @@
 Learn2Reg and ITK displacement files, metrics.json, run.json) and the provenance of a run.
 
 Formats (documented in the README): images float32 (labels in the moving label map's dtype); ``disp.nii.gz`` and
-``disp_itk.nii.gz`` stay float32 because NIfTI-1 has no float16 data type; gzip at level 1 (nibabel's default,
+``disp_itk.nii.gz`` stay float32 because NIfTI-1 has no float16 data type, ``disp.npz`` (asked for by name) is the
+Learn2Reg submission format, float16; gzip at level 1 (nibabel's default,
 the fastest zlib level), by ISA-L when the optional ``isal`` package is installed (~15× faster, same format).
 """
 
@@ -19,13 +20,14 @@ import numpy as np
 from ..errors import UserError
 from .types import RegisterOptions, RegistrationResult
 
-__all__ = ["OUTPUTS", "RESULT_FILES", "check_outputs", "write_result", "provenance", "json_ready"]
+__all__ = ["DEFAULT_OUTPUTS", "OUTPUTS", "RESULT_FILES", "check_outputs", "write_result", "provenance", "json_ready"]
 
 #: What ``--outputs`` can name, and the file each is written to (``run.json`` is always written).
 RESULT_FILES = {
     "warped": "warped.nii.gz",
     "disp": "disp.nii.gz",
     "disp_itk": "disp_itk.nii.gz",
+    "disp_npz": "disp.npz",
     "jacobian": "jacobian.nii.gz",
     "warped_seg": "warped_seg.nii.gz",
     "brain_mask_fixed": "brain_mask_fixed.nii.gz",
@@ -34,12 +36,14 @@ RESULT_FILES = {
     "run": "run.json",
 }
 OUTPUTS = tuple(k for k in RESULT_FILES if k != "run")
+#: What is written when ``--outputs`` is not given: everything but the float16 submission copy of the field.
+DEFAULT_OUTPUTS = tuple(k for k in OUTPUTS if k != "disp_npz")
 
 
 def check_outputs(outputs) -> tuple[str, ...]:
-    """The validated output names (all of :data:`OUTPUTS` for None); :class:`UserError` for unknown ones."""
+    """The validated output names (:data:`DEFAULT_OUTPUTS` for None); :class:`UserError` for unknown ones."""
     if outputs is None:
-        return OUTPUTS
+        return DEFAULT_OUTPUTS
     if isinstance(outputs, str):
         outputs = [o for o in outputs.replace(" ", "").split(",") if o]
     unknown = [o for o in outputs if o not in OUTPUTS]
@@ -97,14 +101,14 @@ def write_result(
 ) -> dict[str, Path]:
     """Write the results into ``out`` (created): images in the fixed file's own voxel order and header.
 
-    ``outputs`` (default: all of :data:`OUTPUTS`) names what to write; ``warped_seg`` only exists with a moving
+    ``outputs`` (default: :data:`DEFAULT_OUTPUTS`) names what to write; ``warped_seg`` only exists with a moving
     label map. Returns ``{output: path}``.
     """
     import json
     from concurrent.futures import ThreadPoolExecutor
     from functools import partial
 
-    from ..io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_volume
+    from ..io import disp_to_original_orientation, save_disp_itk, save_disp_l2r, save_disp_submission, save_volume
 
     from ..io.result_folder import result_folder, test_pause
 
@@ -116,7 +120,8 @@ def write_result(
     if clash and not overwrite:  # refuse before writing anything, so a refused run leaves the folder as it was
         raise UserError(f"output files already exist in {out}: {', '.join(clash)}; "
                         "use --overwrite or another output folder")
-    disp_orig = disp_to_original_orientation(result.disp_native, fixed) if {"disp", "disp_itk"} & set(wanted) else None
+    fields = {"disp", "disp_itk", "disp_npz"}
+    disp_orig = disp_to_original_orientation(result.disp_native, fixed) if fields & set(wanted) else None
     # Everything goes into a hidden sibling folder that replaces `out` whole at the end: `out` is always either
     # the old complete result or the new one, and no file of an earlier run (e.g. warped_seg) survives --overwrite.
     with result_folder(out, overwrite=overwrite, result_names=RESULT_FILES.values()) as tmp:
@@ -125,6 +130,7 @@ def write_result(
             "jacobian": lambda: save_volume(result.jacobian.astype(np.float32, copy=False), fixed, tmp / "jacobian.nii.gz"),
             "disp": lambda: save_disp_l2r(disp_orig, tmp / "disp.nii.gz"),
             "disp_itk": lambda: save_disp_itk(disp_orig, fixed.original_affine, tmp / "disp_itk.nii.gz"),
+            "disp_npz": lambda: save_disp_submission(disp_orig, tmp / "disp.npz"),
         }
         for key in ("warped_seg", "brain_mask_fixed", "warped_head"):  # only where the run produced them
             array = getattr(result, key)
