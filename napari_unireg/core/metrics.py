@@ -92,6 +92,16 @@ def _as_labels(labels: Any, name: str = "labels") -> np.ndarray:
     return a
 
 
+def _on_grid(x: Any, grid: tuple[int, ...], what: str) -> np.ndarray:
+    """``x`` as a numpy volume without leading singleton axes; :class:`UserError` unless its shape is ``grid``."""
+    a = _to_numpy(x)
+    while a.ndim > 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.shape != tuple(grid):
+        raise UserError(f"{what} {tuple(a.shape)} is not on the displacement grid {tuple(grid)}")
+    return a
+
+
 def _check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
     if a.shape != b.shape:
         raise UserError(f"{what}: shapes differ ({tuple(a.shape)} vs {tuple(b.shape)})")
@@ -503,15 +513,7 @@ def ndv(disp: Any, mask: Any = None) -> float:
     shape = u.shape[1:]
     if min(shape) < 3:
         raise UserError(f"grid {tuple(shape)} too small for NDV (need ≥ 3 per axis)")
-    if mask is None:
-        m = np.ones(shape, dtype=bool)
-    else:
-        m = _to_numpy(mask)
-        while m.ndim > 3 and m.shape[0] == 1:
-            m = m[0]
-        if m.shape != shape:
-            raise UserError(f"NDV mask {tuple(m.shape)} and displacement grid {tuple(shape)} differ")
-        m = m > 0
+    m = np.ones(shape, dtype=bool) if mask is None else _on_grid(mask, shape, "NDV mask") > 0
     m = m[1:-1, 1:-1, 1:-1]
     n_mask = int(np.count_nonzero(m))
     if n_mask == 0:
@@ -634,14 +636,7 @@ def evaluate_registration(
                 f"label maps {tuple(fl.shape)}, {tuple(ml.shape)} must be on the displacement grid {tuple(grid)}"
             )
         labels = _default_labels(fl, ml) if labels is None else [int(v) for v in labels]
-    mask = None
-    if fixed_image is not None:
-        img = _to_numpy(fixed_image)
-        while img.ndim > 3 and img.shape[0] == 1:
-            img = img[0]
-        if img.shape != grid:
-            raise UserError(f"fixed image {tuple(img.shape)} is not on the displacement grid {tuple(grid)}")
-        mask = img > 0
+    mask = None if fixed_image is None else _on_grid(fixed_image, grid, "fixed image") > 0
 
     def overlap() -> dict[str, Any]:
         warped = warp_labels_nearest(ml, u)
