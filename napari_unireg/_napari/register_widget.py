@@ -148,7 +148,8 @@ class _Relay(QObject):
     """Carries progress and the early result from the worker thread to the GUI thread (queued signals)."""
 
     progress = QtSignal(str, float)
-    #: the fields on the fixed grid, before the metrics: (result, fixed, fixed_seg, moving, moving_seg, prebuilt)
+    #: the fields on the fixed grid, before the metrics: (result, fixed, fixed_seg, moving, moving_seg, prebuilt,
+    #: shown) where ``shown`` is a threading.Event the GUI sets once the layers are in the viewer
     fields = QtSignal(object)
 
 
@@ -605,14 +606,13 @@ class RegisterWidget(QWidget):
         status, payload = outcome
         run, self._pending_run = self._pending_run, None
         if status == "ok":
-            result, payload = payload[0], payload
             try:
                 if run is None:
                     run = self._add_run(payload)
                 else:
                     from .runs import get_store
 
-                    get_store(self.viewer).update(run, result)  # the metrics, into the run already shown
+                    get_store(self.viewer).update(run, payload[0])  # the metrics, into the run already shown
             except Exception as exc:  # the viewer may have been closed meanwhile
                 log.exception("could not show the result")
                 status, payload = "error", f"could not show the result: {exc}"
@@ -737,8 +737,10 @@ def _register_job(inputs: list, options: RegisterOptions, progress: Any, should_
 
     try:
         progress("load", 0.0)
-        if warming is not None:
-            warming.join()
+        while warming is not None and warming.is_alive():
+            warming.join(timeout=0.2)
+            if should_stop():
+                raise Cancelled()
         fixed, moving, fseg, mseg = (_volume(s) for s in inputs)
         from napari_unireg.pipeline import register_volumes
 

@@ -139,42 +139,13 @@ def warp_labels_nearest(labels: Any, disp: Any) -> np.ndarray:
     ``scipy.ndimage.map_coordinates(order=0, mode='constant', cval=0)`` at ``p + u(p)``; returns the labels'
     dtype on the displacement grid.
     """
-    from .resample import sample_points
+    from .resample import pull_nearest
 
     lab = _as_labels(labels, "labels")
     u = _as_disp(disp)
     if lab.shape != u.shape[1:]:
         raise UserError(f"label map {tuple(lab.shape)} and displacement grid {tuple(u.shape[1:])} differ")
-    # Slabs along axis 0 (float64 temporaries stay in the cache), two threads (numpy releases the GIL). Each
-    # position is the float64 sum ``p + u(p)`` and the rule that of ``map_coordinates(order=0, mode='constant')``:
-    # index ``floor(x + 0.5)``, fill 0 where ``x < 0`` or ``x > n − 1`` (see resample._nearest_fill).
-    out = np.empty(lab.shape, dtype=lab.dtype)
-    flat_src = lab.reshape(-1)
-    shape = lab.shape
-    ramps = [np.arange(n, dtype=np.float64).reshape([-1 if a == ax else 1 for a in range(3)])
-             for ax, n in enumerate(shape)]
-
-    def slab(s: int) -> None:
-        e = min(s + _SLAB // 4, shape[0])
-        flat = inside = None
-        for ax, n in enumerate(shape):
-            c = u[ax, s:e] + (ramps[ax][s:e] if ax == 0 else ramps[ax])
-            ok = (c >= 0) & (c <= n - 1)
-            inside = ok if inside is None else inside & ok
-            c += 0.5
-            np.floor(c, out=c)
-            np.clip(c, 0, n - 1, out=c)
-            idx = c.astype(np.intp)
-            flat = idx if flat is None else flat * n + idx
-        vals = flat_src[flat]
-        vals[~inside] = 0
-        out[s:e] = vals
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(slab, range(0, shape[0], _SLAB // 4)))
-    return out
+    return pull_nearest(lab, u)
 
 
 def dice_per_label(
