@@ -3,9 +3,10 @@
 It takes canonical :class:`~napari_unireg.io.Volume` objects (fixed, moving, optional label maps), puts both
 images on the model grid of the fixed image (1 mm RAS, 160×224×192 by default; the moving image is pulled
 through the affine pre-alignment), runs a network (or the classical instance optimisation), optionally refines,
-computes the metrics on the model grid (the Learn2Reg evaluation convention) and maps every result back to the
-fixed image's native canonical grid, sampling the original moving image once. :func:`validate_options` checks
-every option before anything is loaded.
+maps every result back to the fixed image's native canonical grid, sampling the original moving image once, and
+then computes the metrics on the model grid (the Learn2Reg evaluation convention), so that a front end can show
+the fields first (``on_fields``). :func:`validate_options` checks every option before anything is loaded;
+:func:`warm_up` loads and runs a network ahead of the first registration.
 """
 
 from __future__ import annotations
