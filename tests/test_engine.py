@@ -202,3 +202,26 @@ def test_warm_up_leaves_the_network_loaded():
     assert len(_CACHE) == 1
     cached = next(iter(_CACHE.values()))
     assert load_model("dp-vfa", None, "cpu") is cached
+
+
+def test_warm_up_with_the_pair_leaves_its_prealignment_for_the_run(monkeypatch):
+    """warm_up(options, fixed, moving) finds the pair's pre-alignment ahead; the Run that follows does not search
+    again and gets the same field as a cold run."""
+    import napari_unireg.core.prealign as prealign_mod
+    from napari_unireg.pipeline import stages, warm_up
+
+    fixed, moving, _, _ = _pair()
+    calls = []
+    real = prealign_mod.affine_prealign
+    monkeypatch.setattr(prealign_mod, "affine_prealign", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(stages, "_PREALIGN_MEMO", type(stages._PREALIGN_MEMO)())
+    options = RegisterOptions(**{**OPTIONS, "prealign": "affine"})
+    warm_up(options, fixed, moving)
+    assert len(calls) == 1
+    warm = register_volumes(fixed, moving, options=options)
+    assert len(calls) == 1  # remembered
+    monkeypatch.setattr(stages, "_PREALIGN_MEMO", type(stages._PREALIGN_MEMO)())
+    cold = register_volumes(fixed, moving, options=options)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(warm.prealign_matrix, cold.prealign_matrix)
+    np.testing.assert_allclose(warm.disp_native, cold.disp_native, atol=1e-5)

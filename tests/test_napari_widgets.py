@@ -607,12 +607,16 @@ def test_widget_warms_the_chosen_model_while_the_user_picks(pair_viewer, qtbot, 
     import napari_unireg.pipeline as pipeline
 
     warmed = []
-    monkeypatch.setattr(pipeline, "warm_up", lambda options: warmed.append(options))
+    monkeypatch.setattr(pipeline, "warm_up", lambda options, fixed, moving: warmed.append((options, fixed, moving)))
     w = _register_widget(pair_viewer)
     qtbot.waitUntil(lambda: len(warmed) == 1, timeout=5_000)
-    assert warmed[0].model == "classical" and tuple(warmed[0].grid_shape) == (40, 40, 40)
+    options, fixed, moving = warmed[0]
+    assert options.model == "classical" and tuple(options.grid_shape) == (40, 40, 40)
+    # the picked pair, as the canonical copies a Run makes
+    np.testing.assert_array_equal(fixed.data, pair_viewer.layers["fixed"].data)
+    np.testing.assert_array_equal(moving.data, pair_viewer.layers["moving"].data)
     w.set_model("dp-vfa")  # another model: warmed too, once
     qtbot.waitUntil(lambda: len(warmed) == 2, timeout=5_000)
-    assert warmed[1].model == "dp-vfa"
+    assert warmed[1][0].model == "dp-vfa"
     qtbot.wait(WARM_WAIT_MS)
     assert len(warmed) == 2

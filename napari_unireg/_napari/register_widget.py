@@ -442,29 +442,34 @@ class RegisterWidget(QWidget):
             self._warm_timer.start()  # (re)starts the delay
 
     # ------------------------------------------------------------------ warm-up
-    def _warm_key(self, options: RegisterOptions) -> tuple:
+    def _warm_key(self, options: RegisterOptions, layers: tuple) -> tuple:
         return (options.model, options.checkpoint, options.device, options.resolution, tuple(options.grid_shape),
-                options.amp)
+                options.amp, options.prealign, options.skull_strip, *(id(lay.data) for lay in layers))
 
     def _warm(self) -> None:
-        """Load the chosen network and run it once on an empty pair, in a thread, while the user is still looking
-        at the inputs: the first Run then starts with a warm model (:func:`napari_unireg.pipeline.warm_up`)."""
+        """Load the chosen network and run it once on an empty pair, and find the picked pair's affine
+        pre-alignment, in a thread while the user is still looking at the inputs: the first Run then starts warm
+        (:func:`napari_unireg.pipeline.warm_up`)."""
         if self.busy or (self._warm_thread is not None and self._warm_thread.is_alive()):
             return
+        fixed, moving, _fseg, _mseg = self.inputs()
         try:
             options = self.options()
         except Exception:  # a setting the engine will refuse with a message when Run is pressed
             return
-        key = self._warm_key(options)
+        if fixed is None or moving is None or fixed is moving:
+            return
+        key = self._warm_key(options, (fixed, moving))
         if key == self._warmed_key:
             return
         self._warmed_key = key
+        pair = [self._snapshot(lay) for lay in (fixed, moving)]  # taken here, in the GUI thread
 
         def warm() -> None:
             from napari_unireg.pipeline import warm_up
 
             try:
-                warm_up(options)
+                warm_up(options, *(_volume(s) for s in pair))  # the same copies a Run makes: the same digest
             except Exception as exc:  # Run reports the problem; a warm-up never does
                 log.debug("warm-up of %s skipped: %s", options.model, exc)
 

@@ -213,20 +213,31 @@ def register_volumes(
     return result({**scores, **facts, "seconds": dict(seconds)})
 
 
-def warm_up(options: RegisterOptions | None = None) -> None:
-    """Load the network of ``options`` and run it once on an empty pair of the model grid's shape.
+def warm_up(options: RegisterOptions | None = None, fixed=None, moving=None) -> None:
+    """Load the network of ``options`` and run it once on an empty pair of the model grid's shape; with ``fixed``
+    and ``moving`` (canonical Volumes) also find their affine pre-alignment.
 
     The next registration then pays neither the loading nor the first call's set-up of every convolution shape
-    (oneDNN's kernel choice on CPU, cuDNN's on CUDA). For a front end to call while the user is still choosing
-    (the napari widget does it in a thread); the classical method has nothing to warm.
+    (oneDNN's kernel choice on CPU, cuDNN's on CUDA), nor, for that pair, the pre-alignment search (remembered by
+    :func:`.stages.prealign`; skipped when brain extraction would change the images first). For a front end to
+    call while the user is still choosing (the napari widget does it in a thread).
     """
     import torch
 
     options = validate_options(options or RegisterOptions())
     device = resolve_device(options.device)
     model = load_model(options.model, options.checkpoint, device)
-    if model.net is None:
+    if model.net is not None:
+        empty = torch.zeros((1, 1, *options.grid_shape), dtype=torch.float32, device=device)
+        stages.predict(model, empty, empty, resolution=model.resolution(options.resolution), amp=options.amp,
+                       io_lambda=options.io_lambda, io_fold_weight=options.io_fold_weight, report=lambda _f: None)
+    if fixed is None or moving is None or options.prealign == "none":
         return
-    empty = torch.zeros((1, 1, *options.grid_shape), dtype=torch.float32, device=device)
-    stages.predict(model, empty, empty, resolution=model.resolution(options.resolution), amp=options.amp,
-                   io_lambda=options.io_lambda, io_fold_weight=options.io_fold_weight, report=lambda _f: None)
+    from .skullstrip import needs_extraction
+
+    if options.skull_strip != "off" and (needs_extraction(fixed, options.skull_strip)
+                                         or needs_extraction(moving, options.skull_strip)):
+        return
+    pair = stages.Inputs(fixed, moving, None, None)
+    stages.check_inputs(pair)
+    stages.prealign(pair, options.prealign, lambda _f: None)

@@ -256,16 +256,29 @@ class SkullStripResult(NamedTuple):
     messages: list[str]
 
 
-def _strip_one(volume, role: str, mode: str, device: Any) -> tuple[Any, Any, str]:
+def _decide(volume, mode: str) -> tuple[bool, bool, str]:
+    """``(extract, already_done, reason)``: whether ``mode`` sends ``volume`` to the extractor, and why."""
     if mode == "off":
-        return volume, None, f"{role}: skull stripping off"
+        return False, False, "skull stripping off"
     if mode == "auto":  # a phantom or a cropped patch is no head: never send it to the extractor unasked
         ml = _head_foreground_ml(volume.data, volume.affine)
         if ml < MIN_BRAIN_ML:
-            return volume, None, f"{role}: {ml:.0f} ml of foreground, too small for a brain or head: left as is"
+            return False, False, f"{ml:.0f} ml of foreground, too small for a brain or head: left as is"
     done, reason = looks_brain_extracted(volume.data, volume.affine)
     if mode == "auto" and done:
-        return volume, None, f"{role}: already brain-extracted ({reason})"
+        return False, True, f"already brain-extracted ({reason})"
+    return True, done, reason
+
+
+def needs_extraction(volume, mode: str) -> bool:
+    """Whether :func:`skull_strip_stage` would run the extractor on ``volume`` (cheap: no network)."""
+    return _decide(volume, mode)[0]
+
+
+def _strip_one(volume, role: str, mode: str, device: Any) -> tuple[Any, Any, str]:
+    extract, done, reason = _decide(volume, mode)
+    if not extract:
+        return volume, None, f"{role}: {reason}"
     label = f"{role} image {volume.name!r}"
     mask = extract_brain(volume.data, volume.affine, device=device, name=label, expect_head=not done)
     brain = apply_skull_strip(volume.data, mask)
