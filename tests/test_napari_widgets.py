@@ -74,6 +74,16 @@ def _register_widget(viewer, steps_model="classical"):
     return w
 
 
+def _run_to_the_end(w, qtbot, timeout_ms: int = 600_000):
+    """Press Run, wait for the run to finish, assert it succeeded and return its Run."""
+    outcomes = []
+    w.finished.connect(lambda status, payload: outcomes.append((status, payload)))
+    assert w.run() is not None
+    qtbot.waitUntil(lambda: not w.busy, timeout=timeout_ms)
+    assert outcomes and outcomes[0][0] == "ok", outcomes
+    return outcomes[0][1]
+
+
 def test_register_runs_and_adds_layers(pair_viewer, fast_engine, qtbot):
     viewer = pair_viewer
     before = {lay.name: np.array(lay.data, copy=True) for lay in viewer.layers}
@@ -480,12 +490,7 @@ def test_first_hour_demo_with_the_default_network(make_napari_viewer, qtbot):
     assert w.options().model == "default" and w.options().io_steps == 0
     _save_window(viewer, "first_hour_open.png")
 
-    outcomes = []
-    w.finished.connect(lambda status, payload: outcomes.append((status, payload)))
-    assert w.run() is not None
-    qtbot.waitUntil(lambda: not w.busy, timeout=600_000)
-    assert outcomes and outcomes[0][0] == "ok", outcomes
-    run = outcomes[0][1]
+    run = _run_to_the_end(w, qtbot)
     assert run.model != "classical" and run.result.weights_trained  # the bundled network, trained
 
     # Dice from the layers, recomputed here
@@ -560,12 +565,7 @@ def test_register_widget_extracts_the_brain_of_a_raw_head(make_napari_viewer, qt
     fixed, moving, _, _ = w.inputs()
     assert (fixed.name, moving.name) == ("UNIREG_0001_brain", "icbm2009c_sym_t1")  # the older one is fixed
     assert w.options().skull_strip == "auto"
-    outcomes = []
-    w.finished.connect(lambda status, payload: outcomes.append((status, payload)))
-    assert w.run() is not None
-    qtbot.waitUntil(lambda: not w.busy, timeout=600_000)
-    assert outcomes and outcomes[0][0] == "ok", outcomes
-    run = outcomes[0][1]
+    run = _run_to_the_end(w, qtbot)
     said = " | ".join(run.result.metrics["skull_strip"])
     assert "fixed: already brain-extracted" in said and "moving: skull found" in said, said
     assert run.result.brain_mask_fixed is None and run.result.warped_head is not None
