@@ -147,6 +147,7 @@ def score(disp: np.ndarray, pair: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- methods
 def our_methods(models: list[str] | None, io_steps: list[int]) -> list[dict[str, Any]]:
     """``[{'name', 'model', 'io_steps', 'trained'}]``: bundled variants (or ``models``) × io_steps, + classical."""
+    from napari_unireg.core.instance_opt import refinement_levels
     from napari_unireg.models.registry import list_models
 
     infos = {m.name: m for m in list_models()}
@@ -162,7 +163,8 @@ def our_methods(models: list[str] | None, io_steps: list[int]) -> list[dict[str,
             label = name if io == 0 else f"{name} + IO {io}"
             if not trained:
                 label += " (untrained)"
-            out.append({"name": label, "model": name, "io_steps": int(io), "trained": bool(trained), "kind": "ours"})
+            out.append({"name": label, "model": name, "io_steps": int(io), "trained": bool(trained), "kind": "ours",
+                        "io_levels": [list(level) for level in refinement_levels(int(io))]})
     return out
 
 
@@ -321,7 +323,7 @@ def parse_args(argv=None):
     p.add_argument("--max-pairs", type=int, default=None, help="only the first N pairs (smoke runs)")
     p.add_argument("--models", nargs="+", default=None,
                    help="our methods (registry names, 'classical' or checkpoint paths); default: bundled + classical")
-    p.add_argument("--io-steps", nargs="+", type=int, default=[0, 50], help="refinement steps to run (0 = none)")
+    p.add_argument("--io-steps", nargs="+", type=int, default=[0, 30], help="refinement steps to run (0 = none)")
     p.add_argument("--peers", nargs="*", default=list(peers.PEERS), help="peers to run (default: all installed)")
     p.add_argument("--voxelmorph-weights", default=None, help="folder written by peers.py train-voxelmorph")
     p.add_argument("--ants-transform", default="SyN", help="ANTsPy type_of_transform (default SyN)")
@@ -390,7 +392,8 @@ def run(args) -> dict[str, Any]:
             "pairs": list(per_pair),
             "prealign": args.prealign,
             "order": order,
-            "methods": {**{m["name"]: {k: m[k] for k in ("model", "io_steps", "trained", "kind")} for m in methods},
+            "methods": {**{m["name"]: {k: m[k] for k in ("model", "io_steps", "io_levels", "trained", "kind")}
+                           for m in methods},
                         **{p: {"kind": "peer", "version": peers.peer_version(p)} for p in peer_names}},
             "summary": summarize(per_pair, order),
             "speed_ratios": speed_ratios(per_pair, ours, peer_names),

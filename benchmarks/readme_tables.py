@@ -47,6 +47,11 @@ def _label(name: str, report: dict[str, Any], default_model: str) -> str:
         return PEER_LABELS.get(name, name)
     model, io = meta.get("model", name), int(meta.get("io_steps", 0))
     bold = f"**{model}** (default)" if model == default_model else model
+    levels = meta.get("io_levels")
+    if io and levels:  # e.g. [[2, 30, null], [1, 5, 0.05]]: (factor, steps, lr) on grids pooled by 2, then 1
+        grid = {1: "full", 2: "half"}
+        steps = " + ".join(f"{lv[1]} {grid.get(lv[0], f'1/{lv[0]}')}-resolution" for lv in levels)
+        return f"{bold} + refinement ({steps} steps)"
     if io:
         return f"{bold} + {io} refinement steps"
     return f"{bold}, network alone ({_steps(model)})"

@@ -1,12 +1,14 @@
 """Refinement settings chosen on training pairs, never on the validation pairs.
 
-The refinement (``--io-steps``, :mod:`napari_unireg.core.instance_opt`) has two weights: the diffusion weight
-λ (``io_lambda``) and the folding penalty (``io_fold_weight``). This script registers labelled pairs of the
-data set that are **not** validation pairs (both images have label maps; the pair, in either direction, is not in
-``registration_val``) with the network and ``--io-steps`` refinement steps for every (λ, fold weight) given, and
-prints mean Dice, NDV and seconds per setting: the numbers the defaults are chosen by.
+The refinement (``--io-steps``, :mod:`napari_unireg.core.instance_opt`) has two weights, the diffusion weight
+λ (``io_lambda``) and the folding penalty (``io_fold_weight``), and a plan of levels: Adam steps on grids pooled by
+a factor (``2:30,1:5`` = 30 steps at half resolution, then 5 on the model grid). This script takes labelled pairs of
+the data set that are **not** validation pairs (both images have label maps; the pair, in either direction, is not
+in ``registration_val``), pre-aligns them (affine) and runs the network once per pair, then refines its field with
+every (plan, λ, fold weight) given and prints mean Dice, NDV, SDlogJ and the refinement's seconds per setting: the
+numbers the defaults are chosen by.
 
-    python benchmarks/refinement.py --data ../shared/data/dataset.json --pairs 3 --lambdas 1 2 4 --fold 0 100
+    python benchmarks/refinement.py --data ../shared/data/dataset.json --pairs 6 --plans 2:50 2:30 2:30,1:5 2:30,1:5:0.05
 """
 
 from __future__ import annotations
@@ -38,46 +40,73 @@ def training_pairs(dataset: Path, n: int) -> list[tuple[Path, Path, Path, Path]]
     return [tuple(root / x for x in (a["image"], b["image"], a["label"], b["label"])) for a, b in chosen]
 
 
+def _plan(text: str) -> tuple:
+    """``"2:30,1:5:0.05"`` → ``(Level(2, 30), Level(1, 5, 0.05))``: factor:steps[:lr] per level, coarse first."""
+    from napari_unireg.core.instance_opt import Level
+
+    def level(spec: str):
+        factor, steps, *lr = spec.split(":")
+        return Level(int(factor), int(steps), float(lr[0]) if lr else None)
+
+    return tuple(level(x) for x in text.split(","))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="Learn2Reg dataset.json")
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--io-steps", type=int, default=50)
-    ap.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
-    ap.add_argument("--fold", type=float, nargs="+", default=[0.0, 100.0], help="folding-penalty weights")
+    ap.add_argument("--plans", nargs="+", default=["2:30,1:5"], help="levels factor:steps[:lr],... (coarse first)")
+    ap.add_argument("--lambdas", type=float, nargs="+", default=[2.0])
+    ap.add_argument("--fold", type=float, nargs="+", default=[100.0], help="folding-penalty weights")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
     import torch
 
+    from napari_unireg.core.instance_opt import instance_optimise
+    from napari_unireg.core.metrics import dice_mean, ndv, sdlogj, warp_labels_nearest
     from napari_unireg.io import load_volume
-    from napari_unireg.pipeline import RegisterOptions, register_volumes
+    from napari_unireg.pipeline import RegisterOptions, stages
+    from napari_unireg.pipeline.models import load_model
 
     torch.set_num_threads(args.threads)
     pairs = training_pairs(Path(args.data).resolve(), args.pairs)
     if not pairs:
         print("error: no labelled non-validation pair in the data set", file=sys.stderr)
         return 2
-    loaded = [[load_volume(str(p), kind=k) for p, k in zip(pair, ("image", "image", "label", "label"))]
-              for pair in pairs]
-    print(f"# {len(pairs)} training pairs: " + ", ".join(f"{p[1].name.split('.')[0]}→{p[0].name.split('.')[0]}"
-                                                      for p in pairs))
-    print("| λ | fold weight | Dice | NDV (%) | SDlogJ | s / pair |\n|---|---|---|---|---|---|")
-    for lam, fold in itertools.product(args.lambdas, args.fold):
-        dice, ndv, sdlogj, secs = [], [], [], []
-        for fixed, moving, fseg, mseg in loaded:
-            opts = RegisterOptions(model=args.model, device="cpu", prealign="none", io_steps=args.io_steps,
-                                   io_lambda=lam, io_fold_weight=fold)
+    options = RegisterOptions(model=args.model, device="cpu", prealign="affine")
+    model = load_model(options.model, None, torch.device("cpu"))
+    cases = []  # (grid, fixed_t, moving_t, network field) per pair
+    for pair in pairs:
+        f, m, fs, ms = (load_volume(str(p), kind=k) for p, k in zip(pair, ("image", "image", "label", "label")))
+        inputs = stages.Inputs(f, m, fs, ms)
+        grid = stages.model_grid(inputs, stages.prealign(inputs, options.prealign, lambda _: None),
+                                 options.grid_shape)
+        fixed_t, moving_t = stages.tensors(grid, "cpu")
+        field = stages.predict(model, fixed_t, moving_t, resolution=model.resolution(options.resolution),
+                               amp=options.amp, io_lambda=options.io_lambda, io_fold_weight=options.io_fold_weight,
+                               report=lambda _: None)
+        cases.append((grid, fixed_t, moving_t, field.disp))
+    print(f"# {len(pairs)} training pairs, {model.name}, affine pre-alignment: "
+          + ", ".join(f"{p[1].name.split('.')[0]}→{p[0].name.split('.')[0]}" for p in pairs))
+    print("| plan | λ | fold weight | Dice | NDV (%) | SDlogJ | refinement s / pair |\n|---|---|---|---|---|---|---|")
+    rows = [("network alone", None, None)] + list(itertools.product(args.plans, args.lambdas, args.fold))
+    for plan, lam, fold in rows:
+        dice, folds, logj, secs = [], [], [], []
+        for grid, fixed_t, moving_t, disp in cases:
             t = time.perf_counter()
-            m = register_volumes(fixed, moving, fseg, mseg, options=opts).metrics
+            if lam is not None:
+                disp = instance_optimise(fixed_t, moving_t, init_disp=disp, levels=_plan(plan), lam=lam,
+                                         fold_weight=fold)
             secs.append(time.perf_counter() - t)
-            dice.append(m["dice"])
-            ndv.append(m["ndv"])
-            sdlogj.append(m["sdlogj"])
+            u = disp[0].numpy()
+            dice.append(dice_mean(grid.fixed_seg, warp_labels_nearest(grid.moving_seg, u)))
+            folds.append(ndv(u))
+            logj.append(sdlogj(u))
         n = len(dice)
-        print(f"| {lam:g} | {fold:g} | {sum(dice) / n:.4f} | {sum(ndv) / n:.4f} | {sum(sdlogj) / n:.3f} | "
-              f"{sum(secs) / n:.1f} |", flush=True)
+        print(f"| {plan} | {'–' if lam is None else f'{lam:g}'} | {'–' if fold is None else f'{fold:g}'} | "
+              f"{sum(dice) / n:.4f} | {sum(folds) / n:.4f} | {sum(logj) / n:.3f} | {sum(secs) / n:.1f} |", flush=True)
     return 0
 
 

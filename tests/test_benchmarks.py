@@ -280,6 +280,11 @@ def test_readme_tables_render_the_report_and_judge_the_targets(tmp_path):
     assert table[3].startswith("| **dp-vfa** (default), network alone") and "| 0.710 ± 0.010 |" in table[3]
     assert table[3].endswith("| 2.0 | ×15.0 |")  # Greedy's 30 s over our 2 s
     assert table[-1].startswith("| VoxelMorph package (900 CPU steps) |") and table[-1].endswith("×30.0 |")
+    assert table[4].startswith("| **dp-vfa** (default) + 50 refinement steps |")  # a report without its levels
+    rep["methods"]["dp-vfa + IO 50"]["io_levels"] = [[2, 50, None], [1, 9, 0.05]]
+    assert tables.results_table(rep).splitlines()[4].startswith(
+        "| **dp-vfa** (default) + refinement (50 half-resolution + 9 full-resolution steps) |")
+    del rep["methods"]["dp-vfa + IO 50"]["io_levels"]
     checks = tables.target_checks(rep)
     assert "×15.0 Greedy's speed (target ≥ ×10: met)" in checks
     assert "Dice 0.710 vs Greedy 0.720 (target ≥: **not met** by 0.010)" in checks

@@ -35,3 +35,29 @@ def test_fold_penalty_reduces_folding():
     penalised = folded_fraction(instance_optimise(fixed, moving, fold_weight=100.0, **kw)[0].numpy())
     assert plain > 0.05  # λ=0.1 alone folds a lot on random texture
     assert penalised < 0.1 * plain
+
+
+def test_refinement_runs_half_then_full_resolution_levels(monkeypatch):
+    """``--io-steps N`` = N steps on the half-resolution grid, then ⌈N/6⌉ smaller ones on the model grid; progress
+    covers both."""
+    import napari_unireg.core.instance_opt as io
+
+    assert io.refinement_levels(30) == ((2, 30, None), (1, 5, io.FULL_LR)) and io.refinement_levels(0) == ()
+    seen = []
+    real = io.optimise_level
+
+    def spy(fixed, moving, init, steps, lam, lr, *a, **k):
+        seen.append((tuple(fixed.shape[2:]), steps, lr))
+        return real(fixed, moving, init, steps, lam, lr, *a, **k)
+
+    monkeypatch.setattr(io, "optimise_level", spy)
+    shape = (32, 40, 36)
+    fixed, moving = _blobs(shape, 0), _blobs(shape, 1)
+    done = []
+    out = io.instance_optimise(fixed, moving, init_disp=torch.zeros(1, 3, *shape), steps=6, progress=done.append)
+    assert seen == [((16, 20, 18), 6, 0.2), ((32, 40, 36), 1, io.FULL_LR)]
+    assert out.shape == (1, 3, *shape) and torch.isfinite(out).all()
+    assert done == sorted(done) and done[-1] == 1.0
+    seen.clear()
+    io.instance_optimise(fixed, moving, steps=2)  # the classical method from zero: 1/4 then 1/2 (too coarse dropped)
+    assert seen == [((16, 20, 18), 2, 0.2)]

@@ -96,8 +96,9 @@ def test_registration_loss_prefers_the_correcting_displacement_and_backprops():
 def test_symmetric_loss_for_inverse_consistent_models():
     fixed = _t(smooth_blob_volume((16, 16, 16), seed=5))
     moving = _t(smooth_blob_volume((16, 16, 16), seed=6))
-    u12 = (0.5 * torch.randn(1, 3, 16, 16, 16)).requires_grad_(True)
-    u21 = (0.5 * torch.randn(1, 3, 16, 16, 16)).requires_grad_(True)
+    g = torch.Generator().manual_seed(0)  # not the global stream: the values must not depend on earlier tests
+    u12 = (0.5 * torch.randn(1, 3, 16, 16, 16, generator=g)).requires_grad_(True)
+    u21 = (0.5 * torch.randn(1, 3, 16, 16, 16, generator=g)).requires_grad_(True)
     out = SimpleNamespace(disp=u12, inverse=u21)
     loss = registration_loss(fixed, moving, out, lam=2.0)
     expected = 0.5 * (ncc_vfa(fixed, warp(moving, u12)) + ncc_vfa(moving, warp(fixed, u21))) + 0.5 * 2.0 * (
@@ -115,3 +116,32 @@ def test_dice_loss():
     a[:, 1, 2:] = 1
     assert dice_loss(a, a).item() == pytest.approx(0.0, abs=1e-6)
     assert dice_loss(a, a.flip(1)).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_fixed_ncc_equals_ncc_vfa_value_and_gradient():
+    from napari_unireg.core.losses import FixedNCC
+
+    a = _t(smooth_blob_volume((20, 18, 16), seed=3)).double()
+    b = _t(smooth_blob_volume((20, 18, 16), seed=4)).double()
+    b1, b2 = b.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    expected, got = ncc_vfa(a, b1), FixedNCC(a)(b2)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-12)
+    expected.backward()
+    got.backward()
+    torch.testing.assert_close(b2.grad, b1.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_diffusion_gradient_equals_autograd_of_the_slice_formula(rng):
+    u = torch.from_numpy(rng.standard_normal((2, 3, 7, 6, 5))).requires_grad_(True)
+
+    def by_slices(x):  # the textbook form, differentiated by autograd
+        d = [x.diff(dim=a) for a in (2, 3, 4)]
+        return sum((di * di).mean() for di in d) / 3.0
+
+    expected = by_slices(u)
+    (g_expected,) = torch.autograd.grad(3.5 * expected, u)
+    got = diffusion(u)
+    (g_got,) = torch.autograd.grad(3.5 * got, u)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(diffusion, (u[:1, :, :4, :4, :3].detach().clone().requires_grad_(True),))

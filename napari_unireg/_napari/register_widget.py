@@ -217,8 +217,9 @@ class RegisterWidget(QWidget):
         self.cmb_resolution.setToolTip("auto: the model card's; half: 4x less memory and time, coarser field")
         self.spin_steps = QSpinBox()
         self.spin_steps.setRange(0, 5000)
-        self.spin_steps.setSingleStep(25)
-        self.spin_steps.setToolTip("Instance-optimisation steps after the network (0 = none)")
+        self.spin_steps.setSingleStep(10)
+        self.spin_steps.setToolTip("Instance-optimisation steps after the network (0 = none): N at half resolution, "
+                                   "then N/6 at full resolution; 30 is a good start")
         self.btn_run = QPushButton("Run")
         self.btn_cancel = QPushButton("Cancel")
         self.btn_cancel.setEnabled(False)

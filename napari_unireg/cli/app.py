@@ -25,7 +25,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skull-strip", choices=["auto", "on", "off"], default="auto",
                    help="brain extraction before registration (deepbet, extra [skullstrip]): auto = only images that "
                         "still have a skull (what was decided is printed), on = always, off = never")
-    p.add_argument("--io-steps", type=int, default=0, help="instance-optimisation refinement steps after the network")
+    p.add_argument("--io-steps", type=int, default=0,
+                   help="instance-optimisation refinement after the network: N steps at half resolution, then N/6 "
+                        "at full resolution (0 = none; try 30)")
     p.add_argument("--grid", type=int, nargs=3, default=(160, 224, 192), metavar=("X", "Y", "Z"),
                    help="model grid in 1 mm voxels, each ≥ 32 and a multiple of 8 "
                         "(default: the Learn2Reg box 160 224 192)")

@@ -1,14 +1,16 @@
 """Instance optimisation of a displacement field (NCC + diffusion + folding penalty), a classical method of our own.
 
 Used two ways: on its own as the ``classical`` model (coarse-to-fine from zero), and after a network as an
-optional refinement (``--io-steps N``) that starts from the network's field. The field is optimised on a
-down-sampled grid (the similarity needs no full resolution for a smooth correction) and the correction is
-added to the full-resolution initial field, so the network's fine detail is kept.
+optional refinement (``--io-steps N``) that starts from the network's field. Each level optimises a residual on
+a grid pooled by its factor (1 = the model grid); the residual is added to the full-resolution field, so what the
+network (or a coarser level) found is kept.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,32 @@ from .sample import resize_flow, upsample_pooled_flow, warp
 #: the term keeps the Dice within 0.004 of the best at the lowest NDV (the field's regularity is what a user trusts).
 LAMBDA = 2.0
 FOLD_WEIGHT = 100.0
+#: A refinement of N steps is N steps on the half-resolution grid (the smooth correction, where the half-resolution
+#: networks err most), then N / FULL_STEP_RATIO steps on the model grid itself (detail at the label boundaries that
+#: a 2 mm grid cannot hold; one such step costs ~8 half-resolution ones), with Adam steps of FULL_LR voxel: at the
+#: half-resolution level's 0.2 the per-voxel updates oscillate into checkerboard folds (NDV ×9). Chosen on labelled
+#: training pairs, never the validation pairs (``bench/refinement_train.md``): the half-resolution level stops gaining
+#: after ~30 steps; 5 full-resolution steps then add ~+0.006 Dice, the next 5 only ~+0.002.
+FULL_STEP_RATIO = 6
+FULL_LR = 0.05
+#: The classical method from zero: ``steps`` on each of these down-sampling factors, coarse first.
+CLASSICAL_FACTORS = (4, 2)
+
+
+class Level(NamedTuple):
+    """One level of the optimisation: ``steps`` Adam steps on the grid pooled by ``factor`` (1 = the model grid),
+    of ``lr`` voxels of that grid (None: the call's ``lr``)."""
+
+    factor: int
+    steps: int
+    lr: float | None = None
+
+
+def refinement_levels(steps: int) -> tuple[Level, ...]:
+    """The levels of a refinement of ``steps``: ``steps`` at half resolution, ⌈steps / FULL_STEP_RATIO⌉ at full."""
+    if steps <= 0:
+        return ()
+    return Level(2, steps), Level(1, math.ceil(steps / FULL_STEP_RATIO), FULL_LR)
 
 
 def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -55,17 +83,18 @@ def optimise_level(
     The loss is ``NCC + lam·diffusion + fold_weight·mean(relu(0.05 − J))``: the folding term only acts where the
     Jacobian determinant approaches zero, so it leaves the similarity/smoothness balance alone elsewhere.
     """
-    from .losses import diffusion, ncc_vfa
+    from .losses import FixedNCC, diffusion
     from .metrics import jacobian_determinant_torch
 
     init = init.detach()
+    similarity = FixedNCC(fixed)
     delta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     for step in range(steps):
         if should_stop is not None and should_stop():
             raise Cancelled()
         u = init + delta
-        loss = ncc_vfa(fixed, warp(moving, u)) + lam * diffusion(u)
+        loss = similarity(warp(moving, u)) + lam * diffusion(u)
         if fold_weight > 0:
             loss = loss + fold_weight * F.relu(0.05 - jacobian_determinant_torch(u)).mean()
         opt.zero_grad(set_to_none=True)
@@ -87,30 +116,40 @@ def instance_optimise(
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     fold_weight: float = FOLD_WEIGHT,
+    levels: Sequence[Level | tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Register ``moving`` to ``fixed`` (``1×1×S``) by optimising a displacement (``1×3×S``, voxel units, pull).
 
-    ``factors`` are the down-sampling factors of the levels, coarse first; the default is ``(4, 2)`` from zero
-    and ``(2,)`` as a refinement of ``init_disp``. ``steps`` is the number of Adam steps per level.
+    ``levels`` are :class:`Level` s (or ``(factor, steps)`` pairs), coarse first. Without them: ``steps`` on each of
+    ``factors`` (default :data:`CLASSICAL_FACTORS`), or, refining ``init_disp`` without ``factors``,
+    :func:`refinement_levels` of ``steps``. ``progress`` gets the fraction of the work done (levels weighted by
+    cost).
     """
     shape = tuple(fixed.shape[2:])
-    if factors is None:
-        factors = (2,) if init_disp is not None else (4, 2)
+    if levels is None:
+        if factors is None and init_disp is not None:
+            levels = refinement_levels(steps)
+        else:
+            levels = [Level(f, steps) for f in (factors or CLASSICAL_FACTORS)]
+    levels = [Level(*level) for level in levels]
     # The 9³ similarity window needs a few windows per axis: drop levels that would be too coarse.
-    factors = [f for f in factors if min(shape) // f >= 16] or [1]
+    levels = [lv for lv in levels if min(shape) // lv.factor >= 16 and lv.steps > 0] or [Level(1, steps)]
     full = init_disp if init_disp is not None else torch.zeros(1, 3, *shape, device=fixed.device, dtype=fixed.dtype)
+    costs = [lv.steps / lv.factor**3 for lv in levels]  # a step's cost is about proportional to the level's voxels
+    done = 0.0
     correction = None  # on the full grid
-    n_levels = len(factors)
-    for level, factor in enumerate(factors):
+    for (factor, n, level_lr), cost in zip(levels, costs):
         f_l, m_l = _pool(fixed, factor), _pool(moving, factor)
         base = _field_down(full, factor)
         start = base if correction is None else base + _field_down(correction, factor)
 
-        def level_progress(frac: float, level: int = level) -> None:
+        def level_progress(frac: float, before: float = done, cost: float = cost) -> None:
             if progress is not None:
-                progress((level + frac) / n_levels)
+                progress((before + frac * cost) / sum(costs))
 
         with torch.enable_grad():
-            result = optimise_level(f_l, m_l, start, steps, lam, lr, level_progress, should_stop, fold_weight)
+            result = optimise_level(f_l, m_l, start, n, lam, lr if level_lr is None else level_lr, level_progress,
+                                    should_stop, fold_weight)
         correction = _field_up(result - base, factor, shape)
+        done += cost
     return full + correction
