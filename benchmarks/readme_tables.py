@@ -48,7 +48,7 @@ def _label(name: str, report: dict[str, Any], default_model: str) -> str:
     model, io = meta.get("model", name), int(meta.get("io_steps", 0))
     bold = f"**{model}** (default)" if model == default_model else model
     levels = meta.get("io_levels")
-    if io and levels:  # e.g. [[2, 30, null], [1, 5, 0.05]]: (factor, steps, lr) on grids pooled by 2, then 1
+    if io and levels:  # e.g. [[2, 30, null, 9], [1, 5, 0.05, 9]]: (factor, steps, lr, window) pooled by 2, then 1
         grid = {1: "full", 2: "half"}
         steps = " + ".join(f"{lv[1]} {grid.get(lv[0], f'1/{lv[0]}')}-resolution" for lv in levels)
         return f"{bold} + refinement ({steps} steps)"
@@ -90,6 +90,18 @@ def results_table(report: dict[str, Any], default_model: str = "dp-vfa") -> str:
             f"{s['seconds']['mean']:.1f} | {ratio} |"
         )
     return "\n".join(rows)
+
+
+def machine_line(report: dict[str, Any]) -> str:
+    """Where and when the run was measured (the timings hold for that machine only), from the report itself."""
+    m = report.get("machine", {})
+    gpu = m.get("gpu") or "no GPU"
+    load = ""
+    if m.get("load_avg_start") is not None and m.get("load_avg_end") is not None:
+        load = f"; 1-min load average {m['load_avg_start']:.1f} at the start, {m['load_avg_end']:.1f} at the end"
+    date = f" ({report['date'][:10]})" if report.get("date") else ""
+    return (f"Measured on {m.get('cpu', 'an unnamed CPU')}, {m.get('logical_cores', '?')} logical cores, "
+            f"{m.get('threads', '?')} threads, {gpu}{load}{date}.")
 
 
 #: The targets of issue 12 (network alone and with refinement), on the validation pairs, against Greedy.
@@ -161,7 +173,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         report = json.loads(Path(args.report).read_text())
-        table, targets = results_table(report), target_checks(report)
+        table, targets = results_table(report) + "\n\n" + machine_line(report), target_checks(report)
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {args.report} is not a complete accuracy report ({exc})", file=sys.stderr)
         return 2

@@ -9,6 +9,11 @@ every (plan, λ, fold weight) given and prints mean Dice, NDV, SDlogJ and the re
 numbers the defaults are chosen by.
 
     python benchmarks/refinement.py --data ../shared/data/dataset.json --pairs 6 --plans 2:50 2:30 2:30,1:5 2:30,1:5:0.05
+
+``--old-tree DIR`` (a git worktree of an earlier release, e.g. ``git worktree add /tmp/old-main <commit>``) also
+refines the same network fields with that checkout's ``instance_optimise`` in a subprocess, one setting after the
+other in the same run, and adds its seconds and the largest difference between the two fields (voxels): the
+before/after of a speed change on the same machine and load.
 """
 
 from __future__ import annotations
@@ -16,9 +21,41 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+#: run by the old checkout's interpreter: refine every saved case with one setting, save the fields and seconds
+_OLD_TREE_SCRIPT = """
+import json, sys, time, torch
+from napari_unireg.core.instance_opt import Level, instance_optimise
+torch.set_num_threads(int(sys.argv[3]))
+cases = torch.load(sys.argv[1], weights_only=True)
+setting = json.loads(sys.argv[2])
+levels = [Level(*lv[: len(Level._fields)]) for lv in setting["levels"]]  # an older Level may lack window
+fields, secs = [], []
+for fixed, moving, disp in zip(cases["fixed"], cases["moving"], cases["disp"]):
+    t = time.perf_counter()
+    fields.append(instance_optimise(fixed, moving, init_disp=disp, levels=levels, lam=setting["lam"],
+                                    fold_weight=setting["fold"]))
+    secs.append(time.perf_counter() - t)
+torch.save({"disp": fields, "secs": secs}, sys.argv[1] + ".out")
+"""
+
+
+def _old_tree_refine(tree: Path, cases_file: str, levels, lam: float, fold: float, threads: int):
+    """The old checkout's refinement of the saved cases: (fields, seconds per case)."""
+    import torch
+
+    setting = json.dumps({"levels": [list(lv) for lv in levels], "lam": lam, "fold": fold})
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    subprocess.run([sys.executable, "-c", _OLD_TREE_SCRIPT, cases_file, setting, str(threads)], env=env,
+                   check=True, cwd=str(tree))
+    out = torch.load(cases_file + ".out", weights_only=True)
+    return out["disp"], out["secs"]
 
 
 def training_pairs(dataset: Path, n: int) -> list[tuple[Path, Path, Path, Path]]:
@@ -41,12 +78,14 @@ def training_pairs(dataset: Path, n: int) -> list[tuple[Path, Path, Path, Path]]
 
 
 def _plan(text: str) -> tuple:
-    """``"2:30,1:5:0.05"`` → ``(Level(2, 30), Level(1, 5, 0.05))``: factor:steps[:lr] per level, coarse first."""
+    """``"2:30,1:5:0.05:7"`` → ``(Level(2, 30), Level(1, 5, 0.05, 7))``: factor:steps[:lr[:window]] per level, coarse
+    first (an empty or ``-`` lr: the call's)."""
     from napari_unireg.core.instance_opt import Level
 
     def level(spec: str):
-        factor, steps, *lr = spec.split(":")
-        return Level(int(factor), int(steps), float(lr[0]) if lr else None)
+        factor, steps, *rest = spec.split(":")
+        lr = float(rest[0]) if rest and rest[0] not in ("", "-") else None
+        return Level(int(factor), int(steps), lr, *(int(w) for w in rest[1:2]))
 
     return tuple(level(x) for x in text.split(","))
 
@@ -56,10 +95,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="Learn2Reg dataset.json")
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--plans", nargs="+", default=["2:30,1:5"], help="levels factor:steps[:lr],... (coarse first)")
+    ap.add_argument("--plans", nargs="+", default=["2:30,1:5"], help="levels factor:steps[:lr[:window]],... (coarse first)")
     ap.add_argument("--lambdas", type=float, nargs="+", default=[2.0])
     ap.add_argument("--fold", type=float, nargs="+", default=[100.0], help="folding-penalty weights")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--old-tree", type=Path, help="also time this checkout's refinement on the same fields")
     args = ap.parse_args(argv)
 
     import torch
@@ -90,23 +130,40 @@ def main(argv=None) -> int:
         cases.append((grid, fixed_t, moving_t, field.disp))
     print(f"# {len(pairs)} training pairs, {model.name}, affine pre-alignment: "
           + ", ".join(f"{p[1].name.split('.')[0]}→{p[0].name.split('.')[0]}" for p in pairs))
-    print("| plan | λ | fold weight | Dice | NDV (%) | SDlogJ | refinement s / pair |\n|---|---|---|---|---|---|---|")
+    old = ""
+    if args.old_tree:
+        old = f" {args.old_tree} s / pair | max field difference (voxels) |"
+        tmp = tempfile.TemporaryDirectory()
+        cases_file = os.path.join(tmp.name, "cases.pt")
+        torch.save({k: [c[i] for c in cases] for k, i in (("fixed", 1), ("moving", 2), ("disp", 3))}, cases_file)
+    print(f"| plan | λ | fold weight | Dice | NDV (%) | SDlogJ | refinement s / pair |{old}\n"
+          f"|---|---|---|---|---|---|---|{'---|---|' if old else ''}")
     rows = [("network alone", None, None)] + list(itertools.product(args.plans, args.lambdas, args.fold))
     for plan, lam, fold in rows:
         dice, folds, logj, secs = [], [], [], []
+        results = []
         for grid, fixed_t, moving_t, disp in cases:
             t = time.perf_counter()
             if lam is not None:
                 disp = instance_optimise(fixed_t, moving_t, init_disp=disp, levels=_plan(plan), lam=lam,
                                          fold_weight=fold)
             secs.append(time.perf_counter() - t)
+            results.append(disp)
             u = disp[0].numpy()
             dice.append(dice_mean(grid.fixed_seg, warp_labels_nearest(grid.moving_seg, u)))
             folds.append(ndv(u))
             logj.append(sdlogj(u))
         n = len(dice)
+        extra = ""
+        if old:
+            extra = " – | – |"
+            if lam is not None:
+                old_fields, old_secs = _old_tree_refine(args.old_tree, cases_file, _plan(plan), lam, fold, args.threads)
+                diff = max(float((a - b).abs().max()) for a, b in zip(results, old_fields))
+                extra = f" {sum(old_secs) / n:.1f} | {diff:.2g} |"
         print(f"| {plan} | {'–' if lam is None else f'{lam:g}'} | {'–' if fold is None else f'{fold:g}'} | "
-              f"{sum(dice) / n:.4f} | {sum(folds) / n:.4f} | {sum(logj) / n:.3f} | {sum(secs) / n:.1f} |", flush=True)
+              f"{sum(dice) / n:.4f} | {sum(folds) / n:.4f} | {sum(logj) / n:.3f} | {sum(secs) / n:.1f} |{extra}",
+              flush=True)
     return 0
 
 

@@ -302,6 +302,11 @@ def test_readme_tables_render_the_report_and_judge_the_targets(tmp_path):
     assert tables.main([str(report), "--update", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("a\n") and text.endswith("c\n") and "| 0.720 ± 0.010 |" in text
+    assert "Measured on an unnamed CPU" in text  # the machine line comes from the report (none in this one)
+    rep["machine"] = {"cpu": "Test CPU", "logical_cores": 2, "threads": 2, "gpu": None,
+                      "load_avg_start": 0.21, "load_avg_end": 1.04}
+    assert tables.machine_line(rep) == ("Measured on Test CPU, 2 logical cores, 2 threads, no GPU; 1-min load "
+                                        "average 0.2 at the start, 1.0 at the end.")
     assert tables.main([str(tmp_path / "missing.json")]) == 2
 
 

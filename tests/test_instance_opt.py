@@ -42,7 +42,7 @@ def test_refinement_runs_half_then_full_resolution_levels(monkeypatch):
     covers both."""
     import napari_unireg.core.instance_opt as io
 
-    assert io.refinement_levels(30) == ((2, 30, None), (1, 5, io.FULL_LR)) and io.refinement_levels(0) == ()
+    assert io.refinement_levels(30) == ((2, 30, None, 9), (1, 5, io.FULL_LR, 9)) and io.refinement_levels(0) == ()
     seen = []
     real = io.optimise_level
 

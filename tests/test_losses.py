@@ -155,3 +155,45 @@ def test_diffusion_gradient_equals_autograd_of_the_slice_formula(rng):
     assert got.item() == pytest.approx(expected.item(), rel=1e-12)
     torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradcheck(diffusion, (u[:1, :, :4, :4, :3].detach().clone().requires_grad_(True),))
+
+
+def _field_with_folds(shape, centres, seed):
+    """A smooth field plus a local compression at each centre (J < 0 there, J ≈ 1 elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    u = F.interpolate(torch.randn(1, 3, 3, 3, 3, generator=g, dtype=torch.float64) * 0.5, size=shape,
+                      mode="trilinear", align_corners=True)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"))
+    for c in centres:
+        r2 = sum((grid[i] - c[i]) ** 2 for i in range(3))
+        u[0, 0] -= 2.0 * (grid[0] - c[0]) * torch.exp(-r2 / 8.0)  # compresses axis 0 by 3× at c: J < 0 there
+    return u
+
+
+def test_fold_penalty_equals_the_dense_expression_in_value_and_gradient():
+    """Computed on boxes around the folded voxels only: same value as numpy's Jacobian, same gradient as autograd
+    through the dense torch expression; two separate boxes, one touching the 2-voxel border."""
+    from napari_unireg.core.losses import fold_penalty
+    from napari_unireg.core.metrics import jacobian_determinant, jacobian_determinant_torch
+
+    shape = (40, 22, 26)
+    u = _field_with_folds(shape, [(8, 6, 7), (30, 15, 20), (3, 18, 3)], seed=1).requires_grad_(True)
+    jac = jacobian_determinant(u.detach()[0].numpy())
+    assert (jac < 0.05).sum() > 20  # the test field really folds
+    expected_value = np.maximum(0.05 - jac, 0).mean()
+    dense = F.relu(0.05 - jacobian_determinant_torch(u)).mean()
+    (g_dense,) = torch.autograd.grad(7.0 * dense, u)
+    got = fold_penalty(u, 0.05)
+    (g_got,) = torch.autograd.grad(7.0 * got, u)
+    assert got.item() == pytest.approx(expected_value, rel=1e-9)
+    torch.testing.assert_close(g_got, g_dense, rtol=1e-10, atol=1e-12)
+    assert g_got.abs().sum() > 0
+
+
+def test_fold_penalty_of_a_regular_field_is_zero_with_zero_gradient():
+    from napari_unireg.core.losses import fold_penalty
+
+    u = (_field_with_folds((20, 18, 16), [], seed=2) * 0.1).requires_grad_(True)
+    value = fold_penalty(u)
+    assert value.item() == 0.0
+    value.backward()  # still part of a graph that a loss can sum into
+    assert u.grad is None or u.grad.abs().max() == 0

@@ -249,3 +249,35 @@ def test_sample_points_nearest_equals_map_coordinates_with_ties_and_borders():
         ref = map_coordinates(lab, coords, order=0, mode="constant", cval=fill)
         assert out.dtype == lab.dtype
         np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_cpu_warp_equals_one_grid_sample_call_in_values_and_gradients(threads):
+    """A single volume is cut into ``threads`` runs of points (PyTorch samples one batch item per thread): the
+    values match scipy and the gradients (image and field, two channels) match one plain grid_sample call."""
+    import torch.nn.functional as F
+    from scipy.ndimage import map_coordinates
+
+    from napari_unireg.core.sample import _cpu_chunks, sampling_grid
+
+    shape = (30, 36, 33)  # 35,640 points: divisible by 2 and 3, above the size where cutting starts
+    g = torch.Generator().manual_seed(11)
+    img = torch.randn(1, 2, *shape, generator=g).requires_grad_(True)
+    disp = _random_field(shape, 3.0, 12).requires_grad_(True)
+    weights = torch.randn(1, 2, *shape, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert _cpu_chunks(img, sampling_grid(disp.detach())) == threads
+        out = warp(img, disp)
+        img_grad, disp_grad = torch.autograd.grad((out * weights).sum(), (img, disp))
+    finally:
+        torch.set_num_threads(before)
+    coords = np.indices(shape, dtype=np.float64) + disp[0].detach().double().numpy()
+    ref = np.stack([map_coordinates(img[0, c].detach().double().numpy(), coords, order=1, mode="nearest")
+                    for c in range(2)])
+    np.testing.assert_allclose(out[0].detach().numpy(), ref, rtol=0, atol=1e-4)
+    plain = F.grid_sample(img, sampling_grid(disp), padding_mode="border", align_corners=True)
+    ref_img_grad, ref_disp_grad = torch.autograd.grad((plain * weights).sum(), (img, disp))
+    torch.testing.assert_close(img_grad, ref_img_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(disp_grad, ref_disp_grad, rtol=1e-5, atol=1e-5)

@@ -32,17 +32,20 @@ FOLD_WEIGHT = 100.0
 #: after ~30 steps; 5 full-resolution steps then add ~+0.006 Dice, the next 5 only ~+0.002.
 FULL_STEP_RATIO = 6
 FULL_LR = 0.05
+#: NCC window (voxels of the level's grid); the losses' default
+WINDOW = 9
 #: The classical method from zero: ``steps`` on each of these down-sampling factors, coarse first.
 CLASSICAL_FACTORS = (4, 2)
 
 
 class Level(NamedTuple):
     """One level of the optimisation: ``steps`` Adam steps on the grid pooled by ``factor`` (1 = the model grid),
-    of ``lr`` voxels of that grid (None: the call's ``lr``)."""
+    of ``lr`` voxels of that grid (None: the call's ``lr``), with a ``window³``-voxel NCC window of that grid."""
 
     factor: int
     steps: int
     lr: float | None = None
+    window: int = WINDOW
 
 
 def refinement_levels(steps: int) -> tuple[Level, ...]:
@@ -77,17 +80,17 @@ def optimise_level(
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     fold_weight: float = FOLD_WEIGHT,
+    window: int = WINDOW,
 ) -> torch.Tensor:
     """Adam on a displacement residual at the grid of ``fixed``; returns ``init + residual`` (same grid).
 
     The loss is ``NCC + lam·diffusion + fold_weight·mean(relu(0.05 − J))``: the folding term only acts where the
     Jacobian determinant approaches zero, so it leaves the similarity/smoothness balance alone elsewhere.
     """
-    from .losses import FixedNCC, diffusion
-    from .metrics import jacobian_determinant_torch
+    from .losses import FixedNCC, diffusion, fold_penalty
 
     init = init.detach()
-    similarity = FixedNCC(fixed)
+    similarity = FixedNCC(fixed, window)
     delta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     for step in range(steps):
@@ -96,7 +99,7 @@ def optimise_level(
         u = init + delta
         loss = similarity(warp(moving, u)) + lam * diffusion(u)
         if fold_weight > 0:
-            loss = loss + fold_weight * F.relu(0.05 - jacobian_determinant_torch(u)).mean()
+            loss = loss + fold_weight * fold_penalty(u, 0.05)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -138,7 +141,7 @@ def instance_optimise(
     costs = [lv.steps / lv.factor**3 for lv in levels]  # a step's cost is about proportional to the level's voxels
     done = 0.0
     correction = None  # on the full grid
-    for (factor, n, level_lr), cost in zip(levels, costs):
+    for (factor, n, level_lr, window), cost in zip(levels, costs):
         f_l, m_l = _pool(fixed, factor), _pool(moving, factor)
         base = _field_down(full, factor)
         start = base if correction is None else base + _field_down(correction, factor)
@@ -149,7 +152,7 @@ def instance_optimise(
 
         with torch.enable_grad():
             result = optimise_level(f_l, m_l, start, n, lam, lr if level_lr is None else level_lr, level_progress,
-                                    should_stop, fold_weight)
+                                    should_stop, fold_weight, window)
         correction = _field_up(result - base, factor, shape)
         done += cost
     return full + correction

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .sample import warp
 
-__all__ = ["box_filter", "ncc_vfa", "FixedNCC", "diffusion", "registration_loss", "dice_loss"]
+__all__ = ["box_filter", "ncc_vfa", "FixedNCC", "diffusion", "fold_penalty", "registration_loss", "dice_loss"]
 
 _EPS32 = float(torch.finfo(torch.float32).eps)  # ≈ 1.19e-7, the authors' ε
 
@@ -97,6 +97,43 @@ class _Diffusion(torch.autograd.Function):
 def diffusion(u: torch.Tensor) -> torch.Tensor:
     """Diffusion regulariser: mean squared forward difference along each spatial axis, averaged over the 3 axes."""
     return _Diffusion.apply(u)
+
+
+def fold_penalty(u: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
+    """``mean(relu(threshold − J))`` of a ``1×3×S`` displacement, ``J`` its central-difference Jacobian determinant
+    (:func:`~napari_unireg.core.metrics.jacobian_determinant_torch`: 1 on the 2-voxel border), differentiable in ``u``.
+
+    Only voxels with ``J < threshold`` contribute, and a well-behaved field has few: ``J`` is computed once without
+    a graph, and autograd runs only on the boxes around those voxels (each box of whole axis-0 rows, cropped on the
+    other axes, with the 2-voxel halo ``J`` reads). Value and gradient equal the dense expression
+    (``tests/test_losses.py``); a 1 mm refinement step saves the graph of nine full-size derivative maps.
+    """
+    from .metrics import jacobian_determinant_torch
+
+    if threshold >= 1.0:  # the border (J = 1) would count too: the dense expression
+        return F.relu(threshold - jacobian_determinant_torch(u)).mean()
+    if u.shape[0] != 1:
+        return torch.stack([fold_penalty(ui[None], threshold) for ui in u]).mean()
+    with torch.no_grad():
+        below = jacobian_determinant_torch(u)[0] < threshold  # D0×D1×D2; False on the border (J = 1 there)
+    rows = torch.nonzero(below.flatten(1).any(dim=1)).flatten().tolist()
+    total = u.new_zeros(())
+    if not rows:  # zero, with a zero gradient: a leaf, so that backward() through it still works
+        return total.requires_grad_(u.requires_grad)
+    runs, start = [], rows[0]
+    for prev, row in zip(rows, rows[1:] + [None]):
+        if row is None or row > prev + 4:  # a gap wider than two halos: a new box
+            runs.append((start, prev))
+            start = row
+    for a, b in runs:
+        hit = below[a : b + 1]
+        ys = torch.nonzero(hit.any(dim=(0, 2))).flatten()
+        xs = torch.nonzero(hit.any(dim=(0, 1))).flatten()
+        (y0, y1), (x0, x1) = (int(ys[0]), int(ys[-1])), (int(xs[0]), int(xs[-1]))
+        box = u[:, :, a - 2 : b + 3, y0 - 2 : y1 + 3, x0 - 2 : x1 + 3]
+        jac = jacobian_determinant_torch(box)[:, 2:-2, 2:-2, 2:-2]  # = J of the rows a..b, y0..y1, x0..x1
+        total = total + F.relu(threshold - jac).sum()
+    return total / below.numel()
 
 
 def _disp_and_inverse(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

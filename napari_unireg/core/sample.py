@@ -110,7 +110,42 @@ def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", paddin
     with geometry_mode(image):
         image, disp = full_precision(image), full_precision(disp)
         grid = sampling_grid(disp.to(image.dtype))
+        return _grid_sample(image, grid, mode, padding_mode)
+
+
+def _cpu_chunks(image: torch.Tensor, grid: torch.Tensor) -> int:
+    """How many batch items to cut one CPU sample into (1: leave it whole).
+
+    PyTorch's 3-D ``grid_sample`` on the CPU runs its batch items in parallel and each item on one thread, so a
+    single volume uses one core however many there are. Cut in two on two cores (``bench/sampling.md``), a 1 mm
+    warp of a displacement with its backward pass takes 0.69 s instead of 1.08 s, of an image 0.44 s instead of 0.60.
+    """
+    if image.device.type != "cpu" or image.shape[0] != 1 or grid[0, ..., 0].numel() < 32768:
+        return 1
+    n = grid[0, ..., 0].numel()
+    k = min(torch.get_num_threads(), n)
+    while k > 1 and n % k:
+        k -= 1
+    return k
+
+
+def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``grid_sample(align_corners=True)`` that uses every CPU thread for a single volume.
+
+    Each output voxel depends only on its own grid point, so the ``1×D0×D1×D2×3`` grid is cut into ``k`` equal
+    runs of points, each a batch item of a ``k×n/k×1×1×3`` grid sampling the same image (``expand``: no copy);
+    the results are put back in order. Values and gradients are those of one call (``tests/test_spatial.py``).
+    """
+    k = _cpu_chunks(image, grid)
+    if k == 1:
         return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    out_shape = grid.shape[1:-1]
+    points = grid.reshape(k, -1, 1, 1, 3)
+    out = F.grid_sample(image.expand(k, *image.shape[1:]), points, mode=mode, padding_mode=padding_mode,
+                        align_corners=True)  # k×C×(n/k)×1×1
+    channels = image.shape[1]
+    out = out.reshape(k, channels, -1).transpose(0, 1)  # C×k×(n/k): a view for C == 1, else one copy below
+    return out.reshape(1, channels, *out_shape)
 
 
 def identity_grid(
