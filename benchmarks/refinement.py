@@ -111,6 +111,10 @@ def main(argv=None) -> int:
     from napari_unireg.pipeline.models import load_model
 
     torch.set_num_threads(args.threads)
+    if args.old_tree and not (args.old_tree / "napari_unireg" / "core" / "instance_opt.py").is_file():
+        # PYTHONPATH to a folder without the package would silently time this checkout as the "old" one
+        print(f"error: --old-tree {args.old_tree} is not a napari-unireg checkout", file=sys.stderr)
+        return 2
     pairs = training_pairs(Path(args.data).resolve(), args.pairs)
     if not pairs:
         print("error: no labelled non-validation pair in the data set", file=sys.stderr)
