@@ -342,3 +342,57 @@ def test_refinement_benchmark_never_picks_a_validation_pair(tmp_path):
     banned = {frozenset(("s0.nii.gz", "s1.nii.gz")), frozenset(("s2.nii.gz", "s3.nii.gz"))}
     assert not any(frozenset(p) in banned for p in names) and "unlabelled.nii.gz" not in str(names)
     assert names[0] == ("s0.nii.gz", "s2.nii.gz") and names[1] == ("s1.nii.gz", "s3.nii.gz")
+
+
+def test_bundle_stage_appends_the_run_and_records_the_weights_it_started_from(tmp_path, monkeypatch):
+    import hashlib
+
+    import bundle_stage
+
+    monkeypatch.setattr(bundle_stage, "ROOT", tmp_path / "repo")
+    models = tmp_path / "repo" / "models"
+    models.mkdir(parents=True)
+    (models / "m.safetensors").write_bytes(b"old weights")
+    old_record = {"command": "unireg train --model m --steps 100", "steps": 100, "wall_time_s": 900.0,
+                  "config": {"steps": 100}}
+    (models / "m.json").write_text(json.dumps({"name": "m", "sha256": "abc", "metrics": {"dice": 0.6},
+                                               "description": "m trained (100 steps, half resolution)",
+                                               "training": old_record}))
+    run = tmp_path / "runs" / "m-s8"
+    run.mkdir(parents=True)
+    cache = tmp_path / "cache"
+    command = (f"python -m napari_unireg.train --model m --out {run} --init-encoder models/m.safetensors "
+               f"--steps 400 --set data.cache_dir={cache}")
+    new_record = {"command": command, "steps": 400, "wall_time_s": 3600.0, "best_step": 400, "date": "d",
+                  "init": {"source": "models/m.safetensors"}, "config": {"data": {"cache_dir": str(cache)}}}
+    (run / "m.json").write_text(json.dumps({"name": "m", "description": "m trained (400 steps, half resolution)",
+                                            "metrics": {"dice": 0.7}, "training": new_record}))
+    (run / "best.json").write_text("{}")
+    (run / "m.safetensors").write_bytes(b"new weights")
+    for name in ("config.yaml", "log.csv", "val.csv", "last.pt"):
+        (run / name).write_text(name)
+
+    with pytest.raises(SystemExit, match="first-what"):  # a single-run card needs its stage-1 description
+        bundle_stage.bundle(run, "stage two")
+    card = bundle_stage.bundle(run, "stage two", first_what="stage one")
+
+    written = json.loads((models / "m.json").read_text())
+    assert written == json.loads(json.dumps(card))
+    stages = written["training"]["stages"]
+    assert [s["stage"] for s in stages] == [1, 2] and [s["steps"] for s in stages] == [100, 400]
+    assert stages[0]["config"] == {"steps": 100}  # the single run's whole record is kept
+    assert stages[0]["weights_sha256"] == "abc"  # the bundled weights the new run continued from
+    assert stages[1]["command"] == ("unireg train --model m --out runs/m-s8 --init-encoder models/m.safetensors "
+                                    "--steps 400 --set data.cache_dir=runs/cache")
+    assert written["training"]["total_steps"] == 500 and written["training"]["total_wall_time_s"] == 4500.0
+    assert written["description"] == "m trained (100 + 400 steps, half resolution)"
+    assert (models / "m.safetensors").read_bytes() == b"new weights"
+    assert written["sha256"] == hashlib.sha256(b"new weights").hexdigest()
+    copied = sorted(p.name for p in (models / "training" / "m-s8").iterdir())
+    assert copied == ["config.yaml", "log.csv", "val.csv"]  # never the optimiser state
+
+    # a run that did not start from the bundled weights is refused
+    new_record["init"]["source"] = "models/other.safetensors"
+    (run / "m.json").write_text(json.dumps({"name": "m", "description": "", "training": new_record}))
+    with pytest.raises(SystemExit, match="not from the bundled"):
+        bundle_stage.bundle(run, "stage three")

@@ -67,3 +67,66 @@ def test_reverse_is_involution_inside():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         local_correlation(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 5))
+
+
+def _plain(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The definition as 27 products of padded slices, differentiated by autograd (the reference gradient)."""
+    d0, d1, d2 = a.shape[2:]
+    bp = torch.nn.functional.pad(b, (1, 1, 1, 1, 1, 1))
+    return torch.stack([(a * bp[:, :, 1 + o0 : 1 + o0 + d0, 1 + o1 : 1 + o1 + d1, 1 + o2 : 1 + o2 + d2]).sum(1)
+                        for o0, o1, o2 in OFFSETS], 1) / math.sqrt(a.shape[1])
+
+
+def test_hand_written_backward_passes_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 3, 4, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, 4, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(local_correlation, (a, b))
+    assert torch.autograd.gradcheck(lambda c: reverse_correlation(c) * torch.arange(27.0, dtype=c.dtype)[:, None, None, None],
+                                    (local_correlation(a, b).detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("which", ["both", "anchor", "shifted"])
+def test_gradient_equals_autograd_of_the_definition(which):
+    """Large enough for several cache slabs along axis 0; a non-uniform upstream gradient."""
+    g = torch.Generator().manual_seed(3)
+    a0, b0 = torch.randn(1, 8, 40, 48, 40, generator=g), torch.randn(1, 8, 40, 48, 40, generator=g)
+    upstream = torch.randn(1, 27, 40, 48, 40, generator=g)
+    grads = []
+    for fn in (local_correlation, _plain):
+        a, b = a0.clone().requires_grad_(which != "shifted"), b0.clone().requires_grad_(which != "anchor")
+        fn(a, b).backward(upstream)
+        grads.append((a.grad, b.grad))
+    for mine, ref in zip(*grads):
+        assert (mine is None) == (ref is None)
+        if ref is not None:
+            torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_precision_promotes_and_returns_each_input_dtype():
+    """bf16 anchor (a conv output under autocast) with a float32 shifted map (a warp): the product is float32, as
+    the plain definition's, and each gradient comes back in its input's dtype, close to a float64 reference."""
+    g = torch.Generator().manual_seed(4)
+    a64, b64 = torch.randn(1, 4, 9, 8, 7, generator=g, dtype=torch.float64), torch.randn(1, 4, 9, 8, 7, generator=g,
+                                                                                           dtype=torch.float64)
+    a, b = a64.bfloat16().requires_grad_(), b64.float().requires_grad_()
+    out = local_correlation(a, b)
+    assert out.dtype == torch.float32
+    out.square().sum().backward()
+    ar, br = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    _plain(ar, br).square().sum().backward()
+    assert a.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.float32
+    torch.testing.assert_close(a.grad.double(), ar.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(b.grad.double(), br.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_reverse_gradient_equals_autograd_of_the_slices():
+    g = torch.Generator().manual_seed(5)
+    c = torch.randn(2, 27, 5, 6, 4, generator=g, requires_grad=True)
+    upstream = torch.randn(2, 27, 5, 6, 4, generator=g)
+    reverse_correlation(c).backward(upstream)
+    ref = c.detach().clone().requires_grad_()
+    padded = torch.nn.functional.pad(ref, (1, 1, 1, 1, 1, 1))
+    torch.stack([padded[:, 26 - k, 1 + o0 : 6 + o0, 1 + o1 : 7 + o1, 1 + o2 : 5 + o2]
+                 for k, (o0, o1, o2) in enumerate(OFFSETS)], 1).backward(upstream)
+    assert torch.equal(c.grad, ref.grad)

@@ -364,11 +364,11 @@ def test_local_correlation_slab_path_equals_plain_path():
     g = torch.Generator().manual_seed(12)
     a, b = torch.randn(2, 6, 7, 8, 9, generator=g), torch.randn(2, 6, 7, 8, 9, generator=g)
     a.requires_grad_(True)
-    plain = local_correlation(a, b)  # differentiable path: 27 full-size products
+    plain = local_correlation(a, b)  # differentiable path (hand-written backward)
     plain.sum().backward()
     assert a.grad is not None
     with torch.inference_mode():
-        assert torch.equal(local_correlation(a.detach(), b), plain.detach())  # slab path: same products, same sums
+        assert torch.equal(local_correlation(a.detach(), b), plain.detach())  # inference: same products, same sums
 
 
 @pytest.mark.parametrize("name", DP_MODELS)

@@ -1,0 +1,114 @@
+"""Bundle a run that continued a bundled model as the next stage of its card.
+
+    python benchmarks/bundle_stage.py runs/dp-conv-c-s8 --what "session 8: from stage 1's weights, ..."
+
+The run folder holds the export of ``unireg train --init-encoder models/X.safetensors ...`` (``X.safetensors``,
+``X.json``, ``config.yaml``, ``log.csv``, ``val.csv``). This script
+
+* turns the bundled card's training record into stages (a card without ``training.stages`` becomes stage 1) and
+  gives the last stage the sha256 of the weights the run started from, so each stage can be reproduced in turn;
+* appends the run as the next stage (its command with machine paths made relative to the repository, steps,
+  wall time, hardware, best step, date) and sets ``total_steps`` and ``total_wall_time_s``;
+* copies the weights and the new card to ``models/`` and ``config.yaml``/``log.csv``/``val.csv`` to
+  ``models/training/<run folder name>/`` (never ``last.pt``: no optimiser state is committed).
+
+The card's ``metrics`` are the run's own validation until ``benchmarks/model_card_metrics.py --from-report``
+refreshes them from an accuracy run. Refuses a run that did not start from the bundled weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_FILES = ("config.yaml", "log.csv", "val.csv")
+# Per-stage fields copied from the run's training record (the full config stays in the top-level record).
+STAGE_KEYS = ("command", "steps", "wall_time_s", "hardware", "best_step", "date")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def portable_command(command: str, run: Path, cache_dir: str | None) -> str:
+    """The command as the README writes it: ``unireg train``, data under ``../shared``, runs under ``runs/``."""
+    command = re.sub(r"^python3? -m napari_unireg\.train\b", "unireg train", command)
+    if cache_dir:
+        command = command.replace(str(Path(cache_dir)), "runs/cache")
+    command = command.replace(str(run.resolve()), f"runs/{run.name}")
+    return command.replace(str(ROOT.parent / "shared"), "../shared").replace("/work/shared", "../shared")
+
+
+def stage_of(training: dict, number: int, what: str, run_folder: str) -> dict:
+    stage = {"stage": number, "what": what, "run_folder": run_folder}
+    stage.update({k: training[k] for k in STAGE_KEYS if k in training})
+    return stage
+
+
+def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = False) -> dict:
+    exports = [p for p in run.glob("*.json") if p.stem != "best"]  # best.json: the best step's copy
+    if len(exports) != 1:
+        raise SystemExit(f"error: expected one exported card in {run}, found {[p.name for p in exports]}")
+    card_new = json.loads(exports[0].read_text())
+    name = card_new["name"]
+    card_path, weights_path = ROOT / "models" / f"{name}.json", ROOT / "models" / f"{name}.safetensors"
+    card_old = json.loads(card_path.read_text())
+    started_from = card_new["training"].get("init", {}).get("source", "")
+    if Path(started_from).name != weights_path.name:
+        raise SystemExit(f"error: {run} started from {started_from!r}, not from the bundled {weights_path.name}")
+
+    old = card_old["training"]
+    stages = [dict(s) for s in old.get("stages", [])]
+    if not stages:
+        if first_what is None:
+            raise SystemExit("error: the card has no stages yet; say what its first run was with --first-what")
+        # The single run's whole record becomes stage 1: its config and data live nowhere else.
+        stages = [{"stage": 1, "what": first_what, "run_folder": f"models/training/{name}", **old}]
+    stages[-1]["weights_sha256"] = card_old["sha256"]
+
+    new = dict(card_new["training"])
+    cache_dir = new.get("config", {}).get("data", {}).get("cache_dir")
+    new["command"] = portable_command(new["command"], run, cache_dir)
+    stages.append(stage_of(new, len(stages) + 1, what, f"models/training/{run.name}"))
+    new["stages"] = stages
+    new["total_steps"] = sum(int(s["steps"]) for s in stages)
+    new["total_wall_time_s"] = round(sum(float(s["wall_time_s"]) for s in stages), 1)
+    card_new["training"] = new
+    steps = " + ".join(str(s["steps"]) for s in stages)
+    card_new["description"] = re.sub(r"\(.*steps", f"({steps} steps", card_new["description"], count=1)
+    if "steps" not in card_new["description"]:
+        card_new["description"] += f" ({steps} steps)"
+
+    if not dry_run:
+        shutil.copyfile(run / weights_path.name, weights_path)
+        card_new["sha256"] = sha256(weights_path)
+        card_path.write_text(json.dumps(card_new, indent=2) + "\n")
+        dest = ROOT / "models" / "training" / run.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in RUN_FILES:
+            shutil.copyfile(run / f, dest / f)
+    return card_new
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="run folder of the continued training")
+    ap.add_argument("--what", required=True, help="one line: what this stage did")
+    ap.add_argument("--first-what", help="what the card's single earlier run did (only when it has no stages)")
+    ap.add_argument("--dry-run", action="store_true", help="print the stages, write nothing")
+    args = ap.parse_args(argv)
+    card = bundle(args.run, args.what, args.first_what, args.dry_run)
+    for s in card["training"]["stages"]:
+        print(f"stage {s['stage']}: {s['steps']} steps, {s['wall_time_s']:.0f} s — {s['command'][:100]}…")
+    print(card["description"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
