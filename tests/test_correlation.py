@@ -130,3 +130,27 @@ def test_reverse_gradient_equals_autograd_of_the_slices():
     torch.stack([padded[:, 26 - k, 1 + o0 : 6 + o0, 1 + o1 : 7 + o1, 1 + o2 : 5 + o2]
                  for k, (o0, o1, o2) in enumerate(OFFSETS)], 1).backward(upstream)
     assert torch.equal(c.grad, ref.grad)
+
+
+def test_row_ranges_on_threads_change_nothing():
+    """The CPU cuts the rows into one range per intra-op thread: forward and both gradients are bit-identical
+    with 1 and 3 threads, and the threads honour the caller's inference mode (outputs are inference tensors)."""
+    g = torch.Generator().manual_seed(6)
+    a0, b0 = torch.randn(1, 8, 45, 48, 40, generator=g), torch.randn(1, 8, 45, 48, 40, generator=g)
+    upstream = torch.randn(1, 27, 45, 48, 40, generator=g)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+            out = local_correlation(a, b)
+            out.backward(upstream)
+            with torch.inference_mode():
+                inferred = local_correlation(a0, b0)
+            assert torch.get_num_threads() == n  # restored after the threaded ranges
+            results.append((out.detach(), a.grad, b.grad, inferred))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
+    assert results[1][3].is_inference() and torch.equal(results[1][3], results[1][0])

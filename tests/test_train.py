@@ -588,8 +588,8 @@ def test_time_box_plans_the_steps_that_fit_and_stops_in_time():
     assert not _TimeBox(None, 0.0, True).out_of_time(now=1e9, val_next=True)
 
 
-def _time_boxed_run(ds, out, monkeypatch, plan: bool):
-    """A run of 1000 steps boxed into 20 s of a fake clock that advances 1 s per step."""
+def _time_boxed_run(ds, out, monkeypatch, plan: bool, steps: int = 1000):
+    """A run of ``steps`` steps boxed into 20 s of a fake clock that advances 1 s per step."""
     from napari_unireg.train import loop
 
     now = [0.0]
@@ -600,7 +600,7 @@ def _time_boxed_run(ds, out, monkeypatch, plan: bool):
 
     cfg = _cfg(
         ds,
-        ("steps", 1000),
+        ("steps", steps),
         ("optim.time_limit_s", 20.0),
         ("optim.time_plan", plan),
         ("optim.pairs_per_epoch", 1),
@@ -627,6 +627,19 @@ def test_time_limited_run_plans_its_steps_and_anneals_over_them(dataset, tmp_pat
     # §9: step s runs at the schedule's position s - 2 (set after step s - 1, with the position before it)
     expected = [1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * (s - 2) / 20)) for s in range(k0 + 1, 21)]
     assert lrs[k0:] == pytest.approx(expected, rel=1e-4)  # one cosine period over the planned 20 steps
+
+
+def test_time_plan_capped_by_steps_still_anneals_over_the_run(dataset, tmp_path, monkeypatch):
+    """``--steps 15`` inside a box that holds 20: the run is 15 steps and its cosine ends at eta_min there
+    (before, the cap left the unplanned period of ``optim.T_0`` and the run ended at the full rate)."""
+    from napari_unireg.train.loop import TIME_PLAN_STEPS
+
+    res, lrs = _time_boxed_run(dataset, tmp_path / "run", monkeypatch, plan=True, steps=15)
+    assert res.step == 15 and not res.time_limited
+    k0 = TIME_PLAN_STEPS + 1
+    expected = [1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * (s - 2) / 15)) for s in range(k0 + 1, 16)]
+    assert lrs[k0:] == pytest.approx(expected, rel=1e-4)
+    assert lrs[-1] < 0.06e-3  # the last step runs two positions before the period ends (§9)
 
 
 def test_time_limited_run_without_a_plan_stops_at_the_limit(dataset, tmp_path, monkeypatch):

@@ -760,14 +760,18 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
                             on_step(step, terms)
                         tbox.record(_clock())
                         fit = dist_utils.min_int(dist, tbox.steps_that_fit(_clock()))
-                        if fit is not None and step + fit < plan.total_steps:
-                            plan.total_steps = step + fit
+                        if fit is not None:
+                            # the run's length is what fits, or --steps when fewer fit in the box; either way the
+                            # schedule becomes one cosine period over it, so the run ends annealed
+                            capped = step + fit >= plan.total_steps
+                            plan.total_steps = min(plan.total_steps, step + fit)
                             _replan_schedule(scheduler, optimizer, cfg, plan, step)
                             if logs.bar is not None:
                                 logs.bar.total = plan.total_steps
                             logs.write(
                                 f"time limit {cfg.optim.time_limit_s:g} s: planned {plan.total_steps} steps "
-                                f"({tbox.step_estimate():.2f} s/step)"
+                                f"({tbox.step_estimate():.2f} s/step{', the --steps cap' if capped else ''}); "
+                                f"one cosine period to optim.eta_min over them"
                             )
                         if step % max(1, cfg.log.checkpoint_every) == 0 and step < plan.total_steps:
                             save(step)
