@@ -38,7 +38,7 @@ def sha256(path: Path) -> str:
 
 def portable_command(command: str, run: Path, cache_dir: str | None) -> str:
     """The command as the README writes it: ``unireg train``, data under ``../shared``, runs under ``runs/``."""
-    command = re.sub(r"^python3? -m napari_unireg\.train\b", "unireg train", command)
+    command = re.sub(r"\bpython3? -m napari_unireg\.train\b", "unireg train", command)
     if cache_dir:
         command = command.replace(str(Path(cache_dir)), "runs/cache")
     command = command.replace(str(run.resolve()), f"runs/{run.name}")
@@ -88,7 +88,7 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
     if not dry_run:
         shutil.copyfile(run / weights_path.name, weights_path)
         card_new["sha256"] = sha256(weights_path)
-        card_path.write_text(json.dumps(card_new, indent=2) + "\n")
+        card_path.write_text(json.dumps(card_new, indent=1))  # as model_card_metrics.py writes cards
         dest = ROOT / "models" / "training" / run.name
         dest.mkdir(parents=True, exist_ok=True)
         for f in RUN_FILES:

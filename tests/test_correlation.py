@@ -82,7 +82,8 @@ def test_hand_written_backward_passes_gradcheck():
     a = torch.randn(2, 3, 4, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 3, 4, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(local_correlation, (a, b))
-    assert torch.autograd.gradcheck(lambda c: reverse_correlation(c) * torch.arange(27.0, dtype=c.dtype)[:, None, None, None],
+    weights = torch.arange(27.0, dtype=torch.float64)[:, None, None, None]  # a distinct weight per channel
+    assert torch.autograd.gradcheck(lambda c: reverse_correlation(c) * weights,
                                     (local_correlation(a, b).detach().requires_grad_(),))
 
 

@@ -144,7 +144,8 @@ class _WindowDots(torch.autograd.Function):
                 for s0 in range(z0, z1, slab):
                     s1 = min(z1, s0 + slab)
                     for k, o in enumerate(OFFSETS):
-                        d_query[:, :, s0:s1].addcmul_(grad[:, k : k + 1, s0:s1], keys_padded[_window(o, s0, s1, d1, d2)])
+                        window = keys_padded[_window(o, s0, s1, d1, d2)]
+                        d_query[:, :, s0:s1].addcmul_(grad[:, k : k + 1, s0:s1], window)
 
             _in_row_chunks(query_rows, d0, b * c * d1 * d2 * grad.element_size(), query.device)
             d_query = d_query.to(query.dtype)

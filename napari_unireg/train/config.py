@@ -133,7 +133,7 @@ class OptimConfig:
     grad_clip: float | None = None
     warmup_steps: int = 0  # linear learning-rate warm-up (0 = none, as the paper); helps short runs
     time_limit_s: float | None = None  # wall-clock box of one call: stop cleanly, validate, export (None = off)
-    time_plan: bool = True  # with time_limit_s: after a few timed steps, plan the steps that fit (cosine over them)
+    time_plan: bool = True  # with time_limit_s: run the steps that fit (≤ steps) as one cosine period
 
 
 @dataclass
