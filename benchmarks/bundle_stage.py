@@ -59,9 +59,14 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
     name = card_new["name"]
     card_path, weights_path = ROOT / "models" / f"{name}.json", ROOT / "models" / f"{name}.safetensors"
     card_old = json.loads(card_path.read_text())
-    started_from = card_new["training"].get("init", {}).get("source", "")
+    init = card_new["training"].get("init", {})
+    started_from = init.get("source", "")
     if Path(started_from).name != weights_path.name:
         raise SystemExit(f"error: {run} started from {started_from!r}, not from the bundled {weights_path.name}")
+    # runs exported before the init record carried a hash are matched by file name only
+    if init.get("sha256", card_old["sha256"]) != card_old["sha256"]:
+        raise SystemExit(f"error: {run} started from other weights than the bundled {weights_path.name} "
+                         f"(sha256 {init['sha256'][:12]}…, the card has {card_old['sha256'][:12]}…)")
 
     old = card_old["training"]
     stages = [dict(s) for s in old.get("stages", [])]

@@ -396,3 +396,12 @@ def test_bundle_stage_appends_the_run_and_records_the_weights_it_started_from(tm
     (run / "m.json").write_text(json.dumps({"name": "m", "description": "", "training": new_record}))
     with pytest.raises(SystemExit, match="not from the bundled"):
         bundle_stage.bundle(run, "stage three")
+    # same file name, other weights (the bundled file was replaced after the run started): refused by hash
+    new_record["init"] = {"source": "models/m.safetensors", "sha256": hashlib.sha256(b"old weights").hexdigest()}
+    (run / "m.json").write_text(json.dumps({"name": "m", "description": "", "training": new_record}))
+    with pytest.raises(SystemExit, match="other weights"):
+        bundle_stage.bundle(run, "stage three")
+    new_record["init"]["sha256"] = written["sha256"]  # the weights bundled now: accepted as stage 3
+    (run / "m.json").write_text(json.dumps({"name": "m", "description": "", "training": new_record}))
+    stages = bundle_stage.bundle(run, "stage three", dry_run=True)["training"]["stages"]
+    assert [s["stage"] for s in stages] == [1, 2, 3]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -455,6 +457,8 @@ def test_cli_run_writes_card_and_init_encoder(dataset, tmp_path):
     trained = torch.load(out / "last.pt", weights_only=True)["model"]
     enc = [k for k in other.state_dict() if k.startswith("encoder.")]
     assert info["encoder_tensors"] == len(enc) > 0
+    # the card names the exact weights it started from (hashlib on the file, not the code's own reading)
+    assert info["sha256"] == hashlib.sha256((out / "conv-c-tiny.safetensors").read_bytes()).hexdigest()
     assert all(torch.allclose(other.state_dict()[k], trained[k].float(), atol=1e-3) for k in enc)
     with pytest.raises(UserError, match="compatible encoder"):
         init_from(
@@ -505,14 +509,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, ds: str, out: str, result_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, ds: str, out: str, result_dir: str, boxed: bool = False) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
     )
-    from napari_unireg.train.loop import train
+    from napari_unireg.train import loop
 
-    seen = []
-    res = train(_cfg(Path(ds), ("steps", 3), ("seed", 0)), out, on_step=lambda s, t: seen.append(t["loss"]))
+    seen, overrides = [], [("steps", 3), ("seed", 0)]
+    if boxed:  # a 20 s box of fake clocks that differ per rank (1 s and 0.5 s per step): plans fall due apart
+        now = [0.0]
+        loop._clock = lambda: now[0]
+        overrides = [("steps", 1000), ("seed", 0), ("optim.time_limit_s", 20.0), ("log.tensorboard", False)]
+
+    def on_step(step, terms):
+        seen.append(terms["loss"])
+        if boxed:
+            now[0] += 1.0 if rank == 0 else 0.5
+
+    res = loop.train(_cfg(Path(ds), *overrides), out, on_step=on_step)
     torch.save({"model": res.model.state_dict(), "losses": seen}, Path(result_dir) / f"rank{rank}.pt")
 
 
@@ -530,6 +544,29 @@ def test_ddp_two_cpu_processes_hold_identical_weights(dataset, tmp_path):
     assert r0["losses"] != r1["losses"]  # the ranks trained on different pairs
     card = json.loads((tmp_path / "run" / "final.json").read_text())
     assert card["training"]["hardware"]["world_size"] == 2 and card["training"]["directed_pairs"] == 6
+
+
+def test_ddp_time_plan_ranks_agree_when_their_clocks_differ(dataset, tmp_path):
+    """Rank 0's re-plan falls due at steps 7 and 10, rank 1's (twice as fast) later: the ranks plan together
+    (a plan on one rank alone would leave the other out of a collective and hang), from the slowest rank's fit."""
+    import torch.multiprocessing as mp
+
+    res_dir = tmp_path / "res"
+    res_dir.mkdir()
+    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(dataset), str(tmp_path / "run"), str(res_dir), True),
+                   nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the ranks of a time-boxed run did not finish (a collective one rank skipped?)")
+    r0 = torch.load(res_dir / "rank0.pt", weights_only=True)
+    r1 = torch.load(res_dir / "rank1.pt", weights_only=True)
+    # rank 0 plans 16 more steps after step 4 (clock 4 s of 20); rank 1 would fit 36: the run is 20 steps on both
+    assert len(r0["losses"]) == len(r1["losses"]) == 20
+    assert _weights_equal(r0["model"], r1["model"])
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["training"]["steps"] == 20
 
 
 # ----------------------------------------------------------------------------------------------- real data (skips)
@@ -588,15 +625,38 @@ def test_time_box_plans_the_steps_that_fit_and_stops_in_time():
     assert not _TimeBox(None, 0.0, True).out_of_time(now=1e9, val_next=True)
 
 
-def _time_boxed_run(ds, out, monkeypatch, plan: bool, steps: int = 1000):
-    """A run of ``steps`` steps boxed into 20 s of a fake clock that advances 1 s per step."""
+def test_time_box_plans_again_from_the_steps_since_the_last_plan():
+    from napari_unireg.train.loop import REPLAN_AT, TIME_PLAN_STEPS, _TimeBox
+
+    box = _TimeBox(100.0, t_start=0.0, plan_steps=True)
+    now = 0.0
+    for k in range(TIME_PLAN_STEPS + 1):  # a 9 s warm-up step, then 2 s steps while the caches fill
+        now += 9.0 if k == 0 else 2.0
+        box.record(now)
+    assert box.steps_that_fit(now) == int((100 - now) / 2.0)
+    assert box.step_estimate() == 2.0  # the estimate the plan used, until new steps are timed
+    plans = []
+    while now < 60:  # then 1 s steps
+        now += 1.0
+        box.record(now)
+        fit = box.steps_that_fit(now)
+        if fit is not None:
+            plans.append((now, fit))
+    # one new plan at each REPLAN_AT fraction, from the 1 s steps alone (the 2 s ones no longer count)
+    assert [t for t, _ in plans] == [REPLAN_AT[0] * 100, REPLAN_AT[1] * 100]
+    assert [fit for _, fit in plans] == [int(100 - t) for t, _ in plans]
+    assert box.step_estimate() == 1.0 and not box.out_of_time(now=99.0, val_next=False)
+
+
+def _time_boxed_run(ds, out, monkeypatch, plan: bool, steps: int = 1000, seconds=lambda step: 1.0):
+    """A run of ``steps`` steps boxed into 20 s of a fake clock that advances ``seconds(step)`` per step."""
     from napari_unireg.train import loop
 
     now = [0.0]
     monkeypatch.setattr(loop, "_clock", lambda: now[0])
 
     def on_step(step, terms):
-        now[0] += 1.0
+        now[0] += seconds(step)
 
     cfg = _cfg(
         ds,
@@ -640,6 +700,21 @@ def test_time_plan_capped_by_steps_still_anneals_over_the_run(dataset, tmp_path,
     expected = [1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * (s - 2) / 15)) for s in range(k0 + 1, 16)]
     assert lrs[k0:] == pytest.approx(expected, rel=1e-4)
     assert lrs[-1] < 0.06e-3  # the last step runs two positions before the period ends (§9)
+
+
+def test_time_plan_lengthens_the_run_when_the_steps_get_faster(dataset, tmp_path, monkeypatch):
+    """First steps 1 s (the plan: 20 steps), then 0.5 s: re-planned at a quarter of the box, the run takes the
+    steps that fit (36) and still ends annealed, by its plan and not by the limit."""
+    from napari_unireg.train.loop import TIME_PLAN_STEPS
+
+    k0 = TIME_PLAN_STEPS + 1
+    res, lrs = _time_boxed_run(dataset, tmp_path / "run", monkeypatch, plan=True,
+                               seconds=lambda step: 1.0 if step <= k0 else 0.5)
+    # clock 4 s after the first plan; 3 steps later (5.5 s, past 20 / 4) 14.5 s are left at 0.5 s: 29 more steps
+    assert res.step == 7 + 29 and not res.time_limited
+    assert lrs[-1] < 0.02e-3 and lrs[-1] < lrs[-2] < lrs[-3]  # annealed to the end of the longer period
+    expected = [1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * (s - 2) / 36)) for s in range(9, 37)]
+    assert lrs[8:] == pytest.approx(expected, rel=1e-4)  # one cosine period over the 36 steps from the re-plan
 
 
 def test_time_limited_run_without_a_plan_stops_at_the_limit(dataset, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ executes pickled code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import uuid
@@ -139,15 +140,20 @@ def load_model_state(model: Any, state: dict[str, Any], where: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- init from another model
+def _source_file(source: str) -> Path:
+    """The ``.safetensors`` file that ``source`` names (the file, its stem or its ``.json`` card); may not exist."""
+    p = Path(source).expanduser()
+    if p.suffix == ".safetensors":
+        return p
+    if p.suffix == ".json":
+        return p.with_suffix(".safetensors")
+    return p.with_name(p.name + ".safetensors")
+
+
 def _source_state(source: str) -> dict[str, Any]:
     """Tensors of a ``.safetensors`` file (its stem or its ``.json`` card also accepted) or of a registry model."""
     p = Path(source).expanduser()
-    if p.suffix == ".safetensors":
-        cand = p
-    elif p.suffix == ".json":
-        cand = p.with_suffix(".safetensors")
-    else:
-        cand = p.with_name(p.name + ".safetensors")
+    cand = _source_file(source)
     if cand.is_file():
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -202,8 +208,11 @@ def init_from(model: Any, source: str, decoder: bool = True) -> dict[str, Any]:
         )
     with torch.no_grad():
         model.load_state_dict({**target, **new})
+    info: dict[str, Any] = {"source": str(source)}
+    if _source_file(source).is_file():  # which weights exactly: a card's stages are chained by this hash
+        info["sha256"] = hashlib.sha256(_source_file(source).read_bytes()).hexdigest()
     return {
-        "source": str(source),
+        **info,
         "encoder_tensors": len(copied_enc),
         "decoder_tensors": len(copied_dec),
         "skipped": len(skipped),

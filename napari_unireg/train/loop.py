@@ -127,6 +127,11 @@ def _apply_warmup(optimizer: Any, cfg: Config, next_step: int) -> None:
 
 #: steps measured (after the first, which warms up) before a time-boxed run plans its length
 TIME_PLAN_STEPS = 3
+#: fractions of the box at which the plan is made again from the steps since the last plan: the first steps are
+#: slower than the rest, and a job that shared the cores for a while misleads one estimate
+REPLAN_AT = (0.25, 0.5)
+#: a new plan within this fraction of the old length keeps the old one (no needless bump of the schedule)
+REPLAN_TOLERANCE = 0.02
 #: the clock of the time box (a module attribute, so a test can drive it)
 _clock = time.perf_counter
 
@@ -138,13 +143,18 @@ class _TimeBox:
     box) and covers the steps and periodic validations; the final validation and export come after it (leave
     room for them). A step is the wall time between two :meth:`record` calls (data, step, logging). A step is
     not started when the mean step (+ the last periodic validation, when one falls due) would cross the limit.
+    The plan is made after ``TIME_PLAN_STEPS`` timed steps, then again at each ``REPLAN_AT`` fraction of the
+    limit from the steps timed since the previous plan; the step estimate is their mean.
     """
 
     def __init__(self, limit: float | None, t_start: float, plan_steps: bool) -> None:
         self.limit = float(limit) if limit else None
         self.t_start = self._last = t_start
         self.pending = bool(self.limit) and plan_steps
+        self.replans = list(REPLAN_AT) if self.pending else []
         self.times: list[float] = []
+        self.since = 1  # first step of the estimate window (step 0 carries the warm-up and predicts nothing)
+        self.planned_estimate = 0.0  # the estimate the last plan used (until the new window has steps)
         self.val_seconds = 0.0
 
     def record(self, now: float) -> None:
@@ -156,16 +166,30 @@ class _TimeBox:
         self._last = now
 
     def step_estimate(self) -> float:
-        """Mean seconds of the steps after the first (which carries the warm-up and predicts nothing; 0 until then)."""
-        timed = self.times[1:]
-        return sum(timed) / len(timed) if timed else 0.0
+        """Mean seconds of the steps since the last plan (of those after the first until one; 0 before any)."""
+        timed = self.times[self.since:]
+        return sum(timed) / len(timed) if timed else self.planned_estimate
 
-    def steps_that_fit(self, now: float) -> int | None:
-        """After TIME_PLAN_STEPS timed steps (once): how many more steps fit in the limit."""
-        if not self.pending or len(self.times) < TIME_PLAN_STEPS + 1:
+    def plan_due(self, now: float) -> bool:
+        """Once after TIME_PLAN_STEPS timed steps, then at each REPLAN_AT fraction of the limit once
+        TIME_PLAN_STEPS more steps were timed."""
+        if self.pending:
+            return len(self.times) >= TIME_PLAN_STEPS + 1
+        return bool(self.replans) and now - self.t_start >= self.replans[0] * self.limit and (
+            len(self.times) - self.since >= TIME_PLAN_STEPS
+        )
+
+    def steps_that_fit(self, now: float, due: bool | None = None) -> int | None:
+        """How many more steps fit in the limit when a plan is due (else None). ``due`` overrides
+        :meth:`plan_due` (ranks of a distributed run agree on it first: their clocks differ a little)."""
+        if not (self.plan_due(now) if due is None else due):
             return None
-        self.pending = False
-        est = self.step_estimate()
+        if self.pending:
+            self.pending = False
+        elif self.replans:
+            self.replans.pop(0)
+        est = self.planned_estimate = self.step_estimate()
+        self.since = len(self.times)
         left = self.limit - (now - self.t_start) - self.val_seconds
         return max(1, int(left / est)) if est > 0 else None
 
@@ -709,6 +733,7 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
     ppe = cfg.optim.pairs_per_epoch
     # a resumed run keeps the schedule its first call planned; the limit itself applies to every call
     tbox = _TimeBox(cfg.optim.time_limit_s, t_box, cfg.optim.time_plan and state is None)
+    steps_cap = None  # --steps, kept when the first plan shortens the run (a later plan may lengthen it again)
     t_iter = time.perf_counter()
     try:
         with _StopFlag() as stop_flag:
@@ -759,19 +784,27 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
                         if on_step is not None:
                             on_step(step, terms)
                         tbox.record(_clock())
-                        fit = dist_utils.min_int(dist, tbox.steps_that_fit(_clock()))
-                        if fit is not None:
+                        due = dist_utils.any_flag(dist, tbox.plan_due(_clock()))
+                        fit = dist_utils.min_int(dist, tbox.steps_that_fit(_clock(), due)) if due else None
+                        first_plan = steps_cap is None
+                        if first_plan and fit is not None:
+                            steps_cap = plan.total_steps
+                        new_total = None if fit is None else min(steps_cap, step + fit)
+                        if new_total is not None and (
+                            first_plan or abs(new_total - plan.total_steps) > REPLAN_TOLERANCE * plan.total_steps
+                        ):
                             # the run's length is what fits, or --steps when fewer fit in the box; either way the
-                            # schedule becomes one cosine period over it, so the run ends annealed
-                            capped = step + fit >= plan.total_steps
-                            plan.total_steps = min(plan.total_steps, step + fit)
+                            # schedule becomes one cosine period over it, so the run ends annealed (a later plan
+                            # stretches or shrinks that period: the rate moves a little, the run still anneals)
+                            plan.total_steps = new_total
                             _replan_schedule(scheduler, optimizer, cfg, plan, step)
                             if logs.bar is not None:
                                 logs.bar.total = plan.total_steps
                             logs.write(
-                                f"time limit {cfg.optim.time_limit_s:g} s: planned {plan.total_steps} steps "
-                                f"({tbox.step_estimate():.2f} s/step{', the --steps cap' if capped else ''}); "
-                                f"one cosine period to optim.eta_min over them"
+                                f"time limit {cfg.optim.time_limit_s:g} s: {'planned' if first_plan else 're-planned'}"
+                                f" {plan.total_steps} steps at step {step} ({tbox.step_estimate():.2f} s/step"
+                                f"{', the --steps cap' if new_total == steps_cap else ''}); one cosine period to "
+                                f"optim.eta_min over them"
                             )
                         if step % max(1, cfg.log.checkpoint_every) == 0 and step < plan.total_steps:
                             save(step)
