@@ -14,6 +14,12 @@ The run folder holds the export of ``unireg train --init-encoder models/X.safete
 
 The card's ``metrics`` are the run's own validation until ``benchmarks/model_card_metrics.py --from-report``
 refreshes them from an accuracy run. Refuses a run that did not start from the bundled weights.
+
+A run that started a variant afresh from a sibling's bundled weights (``unireg train --model dp-convic-mf
+--init-encoder models/dp-conv-mf.safetensors``) is bundled with ``--from-model dp-conv-mf``: the new card's stages
+are then the sibling's stages (each naming the model it trained) followed by the run, and the variant's own earlier
+stages leave the card (their run folders stay in ``models/training/``). Bundle such a run before the sibling's own
+next stage, while the sibling's card still holds the weights the run started from.
 """
 
 from __future__ import annotations
@@ -51,41 +57,62 @@ def stage_of(training: dict, number: int, what: str, run_folder: str) -> dict:
     return stage
 
 
-def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = False) -> dict:
-    exports = [p for p in run.glob("*.json") if p.stem != "best"]  # best.json: the best step's copy
-    if len(exports) != 1:
-        raise SystemExit(f"error: expected one exported card in {run}, found {[p.name for p in exports]}")
-    card_new = json.loads(exports[0].read_text())
-    name = card_new["name"]
-    card_path, weights_path = ROOT / "models" / f"{name}.json", ROOT / "models" / f"{name}.safetensors"
-    card_old = json.loads(card_path.read_text())
-    init = card_new["training"].get("init", {})
-    started_from = init.get("source", "")
-    if Path(started_from).name != weights_path.name:
-        raise SystemExit(f"error: {run} started from {started_from!r}, not from the bundled {weights_path.name}")
+def _started_from(init: dict, card: dict, weights: Path, run: Path) -> None:
+    """Refuse a run whose init record names other weights than ``weights`` (bundled with ``card``)."""
+    if Path(init.get("source", "")).name != weights.name:
+        raise SystemExit(f"error: {run} started from {init.get('source', '')!r}, not from the bundled {weights.name}")
     # runs exported before the init record carried a hash are matched by file name only
-    if init.get("sha256", card_old["sha256"]) != card_old["sha256"]:
-        raise SystemExit(f"error: {run} started from other weights than the bundled {weights_path.name} "
-                         f"(sha256 {init['sha256'][:12]}…, the card has {card_old['sha256'][:12]}…)")
+    if init.get("sha256", card["sha256"]) != card["sha256"]:
+        raise SystemExit(f"error: {run} started from other weights than the bundled {weights.name} "
+                         f"(sha256 {init['sha256'][:12]}…, the card has {card['sha256'][:12]}…)")
 
-    old = card_old["training"]
+
+def _stages_of(card: dict, name: str, first_what: str | None) -> list[dict]:
+    """The card's training record as stages; the last one gets the sha256 of the card's weights."""
+    old = card["training"]
     stages = [dict(s) for s in old.get("stages", [])]
     if not stages:
         if first_what is None:
             raise SystemExit("error: the card has no stages yet; say what its first run was with --first-what")
         # The single run's whole record becomes stage 1: its config and data live nowhere else.
         stages = [{"stage": 1, "what": first_what, "run_folder": f"models/training/{name}", **old}]
-    stages[-1]["weights_sha256"] = card_old["sha256"]
+    stages[-1]["weights_sha256"] = card["sha256"]
+    return stages
+
+
+def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = False,
+           from_model: str | None = None) -> dict:
+    exports = [p for p in run.glob("*.json") if p.stem != "best"]  # best.json: the best step's copy
+    if len(exports) != 1:
+        raise SystemExit(f"error: expected one exported card in {run}, found {[p.name for p in exports]}")
+    card_new = json.loads(exports[0].read_text())
+    name = card_new["name"]
+    card_path, weights_path = ROOT / "models" / f"{name}.json", ROOT / "models" / f"{name}.safetensors"
+    init = card_new["training"].get("init", {})
+    if from_model is None:
+        card_old = json.loads(card_path.read_text())
+        _started_from(init, card_old, weights_path, run)
+        stages = _stages_of(card_old, name, first_what)
+    else:
+        card_from = json.loads((ROOT / "models" / f"{from_model}.json").read_text())
+        _started_from(init, card_from, ROOT / "models" / f"{from_model}.safetensors", run)
+        stages = _stages_of(card_from, from_model, first_what)
+        for s in stages:
+            s.setdefault("model", from_model)
 
     new = dict(card_new["training"])
     cache_dir = new.get("config", {}).get("data", {}).get("cache_dir")
     new["command"] = portable_command(new["command"], run, cache_dir)
     stages.append(stage_of(new, len(stages) + 1, what, f"models/training/{run.name}"))
+    if from_model is not None:
+        stages[-1]["model"] = name
     new["stages"] = stages
     new["total_steps"] = sum(int(s["steps"]) for s in stages)
     new["total_wall_time_s"] = round(sum(float(s["wall_time_s"]) for s in stages), 1)
     card_new["training"] = new
     steps = " + ".join(str(s["steps"]) for s in stages)
+    if from_model is not None:
+        steps = f"{from_model}'s {' + '.join(str(s['steps']) for s in stages[:-1])}, then {stages[-1]['steps']}"
     card_new["description"] = re.sub(r"\(.*steps", f"({steps} steps", card_new["description"], count=1)
     if "steps" not in card_new["description"]:
         card_new["description"] += f" ({steps} steps)"
@@ -106,11 +133,12 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path, help="run folder of the continued training")
     ap.add_argument("--what", required=True, help="one line: what this stage did")
     ap.add_argument("--first-what", help="what the card's single earlier run did (only when it has no stages)")
+    ap.add_argument("--from-model", help="the run started this variant afresh from that bundled model's weights")
     ap.add_argument("--dry-run", action="store_true", help="print the stages, write nothing")
     args = ap.parse_args(argv)
-    card = bundle(args.run, args.what, args.first_what, args.dry_run)
+    card = bundle(args.run, args.what, args.first_what, args.dry_run, args.from_model)
     for s in card["training"]["stages"]:
-        print(f"stage {s['stage']}: {s['steps']} steps, {s['wall_time_s']:.0f} s — {s['command'][:100]}…")
+        print(f"stage {s['stage']} ({s.get('model', card['name'])}): {s['steps']} steps, {s['wall_time_s']:.0f} s — {s['command'][:100]}…")
     print(card["description"])
     return 0
 

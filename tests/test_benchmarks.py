@@ -405,3 +405,47 @@ def test_bundle_stage_appends_the_run_and_records_the_weights_it_started_from(tm
     (run / "m.json").write_text(json.dumps({"name": "m", "description": "", "training": new_record}))
     stages = bundle_stage.bundle(run, "stage three", dry_run=True)["training"]["stages"]
     assert [s["stage"] for s in stages] == [1, 2, 3]
+
+
+def test_bundle_stage_from_a_sibling_takes_the_siblings_stages(tmp_path, monkeypatch):
+    import hashlib
+
+    import bundle_stage
+
+    monkeypatch.setattr(bundle_stage, "ROOT", tmp_path / "repo")
+    models = tmp_path / "repo" / "models"
+    models.mkdir(parents=True)
+    sibling_sha = hashlib.sha256(b"sibling weights").hexdigest()
+    (models / "a.safetensors").write_bytes(b"sibling weights")
+    sibling_stages = [{"stage": 1, "what": "a one", "steps": 100, "wall_time_s": 600.0, "weights_sha256": "s1"},
+                      {"stage": 2, "what": "a two", "steps": 800, "wall_time_s": 4000.0}]
+    (models / "a.json").write_text(json.dumps({"name": "a", "sha256": sibling_sha, "training": {
+        "stages": sibling_stages, "total_steps": 900}}))
+    (models / "b.safetensors").write_bytes(b"b's own weights")
+    (models / "b.json").write_text(json.dumps({"name": "b", "sha256": "own", "training": {"steps": 60}}))
+    run = tmp_path / "runs" / "b-s11"
+    run.mkdir(parents=True)
+    record = {"command": "unireg train --model b --init-encoder models/a.safetensors", "steps": 250,
+              "wall_time_s": 5400.0, "init": {"source": "models/a.safetensors", "sha256": sibling_sha}}
+    (run / "b.json").write_text(json.dumps({"name": "b", "description": "b trained (250 steps, half resolution)",
+                                            "training": record}))
+    (run / "b.safetensors").write_bytes(b"b new")
+    for name in ("config.yaml", "log.csv", "val.csv"):
+        (run / name).write_text(name)
+
+    with pytest.raises(SystemExit, match="not from the bundled b.safetensors"):
+        bundle_stage.bundle(run, "afresh")
+    card = bundle_stage.bundle(run, "afresh", from_model="a")
+
+    stages = card["training"]["stages"]
+    assert [(s["stage"], s["model"], s["steps"]) for s in stages] == [(1, "a", 100), (2, "a", 800), (3, "b", 250)]
+    assert stages[1]["weights_sha256"] == sibling_sha  # the weights this run started from
+    assert card["training"]["total_steps"] == 1150
+    assert card["description"] == "b trained (a's 100 + 800, then 250 steps, half resolution)"
+    assert json.loads((models / "a.json").read_text())["training"]["stages"] == sibling_stages  # sibling untouched
+    assert (models / "b.safetensors").read_bytes() == b"b new"
+
+    record["init"]["sha256"] = "other"  # the sibling was re-bundled after the run started: refused
+    (run / "b.json").write_text(json.dumps({"name": "b", "description": "", "training": record}))
+    with pytest.raises(SystemExit, match="other weights than the bundled a.safetensors"):
+        bundle_stage.bundle(run, "afresh", from_model="a", dry_run=True)

@@ -40,6 +40,13 @@ def _env(**extra) -> dict[str, str]:
     return env
 
 
+def _child_setup() -> None:
+    os.umask(0o022)
+    # A suite started in the background (`pytest ... &` in a script) inherits SIGINT ignored, and the CLI rightly
+    # keeps an inherited SIG_IGN (as shells expect of background jobs); the child of these tests must not.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def unireg(*args, pause: str | None = None, sig: int | None = None, timeout: float = 300):
     """Run ``unireg ARGS`` in a subprocess; with ``pause``/``sig``, deliver ``sig`` once it paused at that stage.
 
@@ -48,7 +55,7 @@ def unireg(*args, pause: str | None = None, sig: int | None = None, timeout: flo
     env = _env(UNIREG_TEST_PAUSE_AT=pause, UNIREG_TEST_PAUSE_S="120") if pause else _env()
     proc = subprocess.Popen([sys.executable, "-m", "napari_unireg.cli", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: os.umask(0o022))
+                            preexec_fn=_child_setup)
     early = []
     if pause:
         for line in proc.stderr:  # wait for the pause, then signal

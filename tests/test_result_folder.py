@@ -156,9 +156,14 @@ def test_a_signal_during_the_commit_is_delivered_after_it(tmp_path, monkeypatch)
         real(tmp, dest)
 
     monkeypatch.setattr(rf, "_commit_swap", commit_with_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        with result_folder(out, overwrite=True, result_names=NAMES) as tmp:
-            (tmp / "warped.nii.gz").write_bytes(b"new")
+    # Python's own handler, even when the suite was started in the background with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with result_folder(out, overwrite=True, result_names=NAMES) as tmp:
+                (tmp / "warped.nii.gz").write_bytes(b"new")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert snapshot(out).keys() == {"warped.nii.gz"}  # the commit finished: the new complete result
     assert hidden_siblings(out) == []
 
