@@ -94,7 +94,10 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
         _started_from(init, card_old, weights_path, run)
         stages = _stages_of(card_old, name, first_what)
     else:
-        card_from = json.loads((ROOT / "models" / f"{from_model}.json").read_text())
+        card_from_path = ROOT / "models" / f"{from_model}.json"
+        if not card_from_path.is_file():
+            raise SystemExit(f"error: --from-model {from_model}: no bundled card {card_from_path}")
+        card_from = json.loads(card_from_path.read_text())
         _started_from(init, card_from, ROOT / "models" / f"{from_model}.safetensors", run)
         stages = _stages_of(card_from, from_model, first_what)
         for s in stages:
@@ -110,8 +113,9 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
     new["total_steps"] = sum(int(s["steps"]) for s in stages)
     new["total_wall_time_s"] = round(sum(float(s["wall_time_s"]) for s in stages), 1)
     card_new["training"] = new
-    steps = " + ".join(str(s["steps"]) for s in stages)
-    if from_model is not None:
+    if from_model is None:
+        steps = " + ".join(str(s["steps"]) for s in stages)
+    else:
         steps = f"{from_model}'s {' + '.join(str(s['steps']) for s in stages[:-1])}, then {stages[-1]['steps']}"
     card_new["description"] = re.sub(r"\(.*steps", f"({steps} steps", card_new["description"], count=1)
     if "steps" not in card_new["description"]:

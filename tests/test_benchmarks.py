@@ -435,6 +435,8 @@ def test_bundle_stage_from_a_sibling_takes_the_siblings_stages(tmp_path, monkeyp
 
     with pytest.raises(SystemExit, match="not from the bundled b.safetensors"):
         bundle_stage.bundle(run, "afresh")
+    with pytest.raises(SystemExit, match="no bundled card"):
+        bundle_stage.bundle(run, "afresh", from_model="typo")
     card = bundle_stage.bundle(run, "afresh", from_model="a")
 
     stages = card["training"]["stages"]
