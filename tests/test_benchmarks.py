@@ -356,6 +356,7 @@ def test_bundle_stage_appends_the_run_and_records_the_weights_it_started_from(tm
     old_record = {"command": "unireg train --model m --steps 100", "steps": 100, "wall_time_s": 900.0,
                   "config": {"steps": 100}}
     (models / "m.json").write_text(json.dumps({"name": "m", "sha256": "abc", "metrics": {"dice": 0.6},
+                                               "default": True, "notes": "by hand",
                                                "description": "m trained (100 steps, half resolution)",
                                                "training": old_record}))
     run = tmp_path / "runs" / "m-s8"
@@ -386,6 +387,8 @@ def test_bundle_stage_appends_the_run_and_records_the_weights_it_started_from(tm
                                     "--steps 400 --set data.cache_dir=runs/cache")
     assert written["training"]["total_steps"] == 500 and written["training"]["total_wall_time_s"] == 4500.0
     assert written["description"] == "m trained (100 + 400 steps, half resolution)"
+    assert written["default"] is True and written["notes"] == "by hand"  # hand-written keys an export lacks
+    assert written["metrics"] == {"dice": 0.7}  # the export's keys win
     assert (models / "m.safetensors").read_bytes() == b"new weights"
     assert written["sha256"] == hashlib.sha256(b"new weights").hexdigest()
     copied = sorted(p.name for p in (models / "training" / "m-s8").iterdir())
