@@ -116,7 +116,6 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
     if from_model is None:
         # what was written into the card by hand (``default``, ``notes``, ``trained_on``) is not in an export
         card_new.update({k: v for k, v in card_old.items() if k not in card_new})
-    if from_model is None:
         steps = " + ".join(str(s["steps"]) for s in stages)
     else:
         steps = f"{from_model}'s {' + '.join(str(s['steps']) for s in stages[:-1])}, then {stages[-1]['steps']}"
