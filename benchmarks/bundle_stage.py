@@ -89,8 +89,8 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
     name = card_new["name"]
     card_path, weights_path = ROOT / "models" / f"{name}.json", ROOT / "models" / f"{name}.safetensors"
     init = card_new["training"].get("init", {})
+    card_old = json.loads(card_path.read_text()) if card_path.is_file() else {}
     if from_model is None:
-        card_old = json.loads(card_path.read_text())
         _started_from(init, card_old, weights_path, run)
         stages = _stages_of(card_old, name, first_what)
     else:
@@ -113,9 +113,9 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
     new["total_steps"] = sum(int(s["steps"]) for s in stages)
     new["total_wall_time_s"] = round(sum(float(s["wall_time_s"]) for s in stages), 1)
     card_new["training"] = new
+    # what was written into the variant's card by hand (``default``, ``notes``, ``trained_on``) is not in an export
+    card_new.update({k: v for k, v in card_old.items() if k not in card_new})
     if from_model is None:
-        # what was written into the card by hand (``default``, ``notes``, ``trained_on``) is not in an export
-        card_new.update({k: v for k, v in card_old.items() if k not in card_new})
         steps = " + ".join(str(s["steps"]) for s in stages)
     else:
         steps = f"{from_model}'s {' + '.join(str(s['steps']) for s in stages[:-1])}, then {stages[-1]['steps']}"

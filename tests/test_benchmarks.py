@@ -425,7 +425,8 @@ def test_bundle_stage_from_a_sibling_takes_the_siblings_stages(tmp_path, monkeyp
     (models / "a.json").write_text(json.dumps({"name": "a", "sha256": sibling_sha, "training": {
         "stages": sibling_stages, "total_steps": 900}}))
     (models / "b.safetensors").write_bytes(b"b's own weights")
-    (models / "b.json").write_text(json.dumps({"name": "b", "sha256": "own", "training": {"steps": 60}}))
+    (models / "b.json").write_text(json.dumps({"name": "b", "sha256": "own", "default": True,
+                                               "training": {"steps": 60}}))
     run = tmp_path / "runs" / "b-s11"
     run.mkdir(parents=True)
     record = {"command": "unireg train --model b --init-encoder models/a.safetensors", "steps": 250,
@@ -449,6 +450,7 @@ def test_bundle_stage_from_a_sibling_takes_the_siblings_stages(tmp_path, monkeyp
     assert card["description"] == "b trained (a's 100 + 800, then 250 steps, half resolution)"
     assert json.loads((models / "a.json").read_text())["training"]["stages"] == sibling_stages  # sibling untouched
     assert (models / "b.safetensors").read_bytes() == b"b new"
+    assert card["default"] is True  # the variant's own hand-written flag, whatever its lineage
 
     record["init"]["sha256"] = "other"  # the sibling was re-bundled after the run started: refused
     (run / "b.json").write_text(json.dumps({"name": "b", "description": "", "training": record}))
