@@ -13,6 +13,7 @@ from napari_unireg.errors import UserError
 from napari_unireg.models import checkpoint as ckpt
 from napari_unireg.models.registry import DP_MODELS, MODEL_NAMES, build_model, list_models, load_pretrained
 from napari_unireg.core.sample import compose
+from napari_unireg.train.precision import cpu_bf16_support
 
 PARAMS = {  # §7: (encoder, decoder, total)
     "dp-conv-mf": (507_504, 2_346_575, 2_854_079),
@@ -401,6 +402,10 @@ def test_autocast_bf16_keeps_geometry_in_float32(name):
     keeps 8 significant bits, so through the network the field may differ by a few % of its largest value
     (measured 4-8 % on an AMD EPYC), not by a sizeable fraction of it.
     """
+    if name in ("dp-conv-mfc", "dp-convic-c") and cpu_bf16_support() == "none":
+        # AVX2 only: oneDNN emulates bf16 convolutions (272 s and 416 s for these two cases on an AMD EPYC, session
+        # 13) and --amp auto never picks bf16 on such a CPU; dp-vfa and TransMorph still run the path here.
+        pytest.skip("bf16 convolutions are emulated on this CPU (minutes); dp-vfa and transmorph cover the path")
     torch.manual_seed(16)
     model = build_model(name)
     if name.startswith("dp-conv"):
