@@ -185,8 +185,9 @@ def time_inference(grid, device, clock: Clock, repeats: int, log) -> dict:
         try:
             model, _ = load_pretrained(name, str(device))
             for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-                if _emulated(prec, device):  # the time of an emulated precision says nothing
-                    row[f"{prec}_skipped"] = _emulated(prec, device)
+                skip = _emulated(prec, device)
+                if skip:  # the time of an emulated precision says nothing
+                    row[f"{prec}_skipped"] = skip
                     continue
                 with torch.inference_mode(), _autocast(device, dtype):
                     model(mov, fix)  # warm-up (kernel choice)
