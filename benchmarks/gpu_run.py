@@ -12,8 +12,8 @@
    target is < 0.1 s per pair) and one training step (phases, as ``benchmarks/training.py --profile``) of
    dp-vfa and dp-convic-c;
 3. **training**: dp-vfa, then dp-convic-c if at least ``--min-train-s`` remain, at full resolution from the bundled
-   weights (warm restart), with synthesis and augmentation, through ``napari_unireg.train`` with
-   ``optim.time_limit_s`` so each run stops, validates and exports in time;
+   weights (warm restart), with synthesis (40 %, a Dice term on the painted pairs) and augmentation, through
+   ``napari_unireg.train`` with ``optim.time_limit_s`` so each run stops, validates and exports in time;
 4. **output** (flat, ≤ 8 files, each ≤ 16 MiB): ``report.json``, and per trained model
    ``<model>.safetensors``, ``<model>.json`` (the card) and ``<model>-log.csv``.
 
@@ -245,8 +245,11 @@ def train_model(name: str, data: Path, grid, device, time_limit: float, work: Pa
         ("device", "cpu" if dry else str(device)),
         ("amp", "auto"),
         ("init_encoder", str(weights_dir() / f"{name}.safetensors")),
-        ("synth.prob", 0.3),
+        ("synth.prob", 0.4),
         ("synth.label_maps", [str(synth)] if synth.is_dir() and any(synth.iterdir()) else []),
+        # session 15's recipe: a Dice term on the painted pairs only (the real label maps stay out of the loss)
+        ("loss.dice_weight", 1.0),
+        ("loss.dice_pairs", "synthetic"),
         ("augment.enabled", True),
         ("optim.lr", 3e-4),
         ("optim.warmup_steps", 2 if dry else 20),

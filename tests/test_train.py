@@ -318,6 +318,33 @@ def test_synthetic_pairs_dice_loss_and_bf16_autocast(dataset, tmp_path):
     assert {r["skipped"] for r in rows} == {"0"}
 
 
+def test_dice_on_synthetic_pairs_only_keeps_real_labels_out_of_the_loss(dataset, tmp_path):
+    """loss.dice_pairs=synthetic: the real images' label maps (which may be the validation subjects') never
+    reach the loss; the painted pairs carry their own label maps into the Dice term."""
+    from napari_unireg.train.data import PairDataset, VolumeLoader
+    from napari_unireg.train.loop import train
+
+    extra = [("loss.dice_weight", 1.0), ("loss.dice_pairs", "synthetic"), ("synth.prob", 0.5)]
+    extra += [("synth.use_dataset_labels", True), ("data.seed", 1)]
+    cfg = _cfg(dataset, *extra)
+    tset = discover(cfg.data, cfg.synth)
+    plan = PairPlan(4, tset.excluded, seed=1, synth_prob=0.5, n_maps=len(tset.label_maps))
+    ds = PairDataset(tset, cfg, plan, VolumeLoader(SHAPE, 1, cache_size=2), want_labels=True)
+    items = [ds[i] for i in range(8)]
+    assert {it["synthetic"] for it in items} == {True, False}
+    for it in items:
+        assert it["has_labels"] == it["synthetic"]
+        assert int(it["moving_label"].max()) > 0 if it["synthetic"] else it["moving_label"].shape == (1, 1, 1, 1)
+
+    train(_cfg(dataset, ("steps", 6), *extra), tmp_path / "run")
+    with open(tmp_path / "run" / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["synthetic"] for r in rows} == {"0", "1"}
+    assert all((float(r["dice_loss"]) > 0) == (r["synthetic"] == "1") for r in rows)
+    with pytest.raises(UserError, match="dice_pairs"):
+        train(_cfg(dataset, ("steps", 1), ("loss.dice_pairs", "real")), tmp_path / "bad")
+
+
 # ----------------------------------------------------------------------------------------------- resume
 def _run(ds, out, steps, *, crash_at=None, resume=False, workers=0, ckpt_every=3):
     from napari_unireg.train.loop import train

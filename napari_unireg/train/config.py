@@ -112,6 +112,7 @@ class LossConfig:
 
     lam: float = 1.0
     dice_weight: float = 0.0  # optional Dice loss with labels (off by default, as in the paper)
+    dice_pairs: str = "all"  # all (real labelled + synthetic pairs) | synthetic (SynthMorph-style: only painted pairs)
     symmetric: str = "auto"  # auto (inverse-consistent models) | true | false
 
 

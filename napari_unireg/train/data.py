@@ -536,7 +536,10 @@ class PairDataset:
         em, ef = self.tset.entries[spec.a], self.tset.entries[spec.b]
         mov = self.loader.get(em.image, "image")
         fix = self.loader.get(ef.image, "image")
-        has = self.want_labels and em.label is not None and ef.label is not None
+        # loss.dice_pairs=synthetic: the real images' label maps never reach the loss (they may belong to the
+        # subjects of the validation pairs), only the painted pairs' own label maps do.
+        real_dice = self.want_labels and self.cfg.loss.dice_pairs == "all"
+        has = real_dice and em.label is not None and ef.label is not None
         ml = self.loader.get(em.label, "label", ref_image=em.image) if has else None
         fl = self.loader.get(ef.label, "label", ref_image=ef.image) if has else None
         return {"moving": mov, "fixed": fix, "moving_label": ml, "fixed_label": fl, "has_labels": has}

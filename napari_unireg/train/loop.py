@@ -218,6 +218,8 @@ def _validate_cfg(cfg: Config) -> None:
         raise UserError(f"data.resolution must be full or half, not {cfg.data.resolution!r}")
     if cfg.optim.schedule not in ("cosine_restarts", "constant"):
         raise UserError(f"optim.schedule must be cosine_restarts or constant, not {cfg.optim.schedule!r}")
+    if cfg.loss.dice_pairs not in ("all", "synthetic"):
+        raise UserError(f"loss.dice_pairs must be all or synthetic, not {cfg.loss.dice_pairs!r}")
     if cfg.loss.symmetric not in ("auto", "true", "false", "True", "False"):
         raise UserError(f"loss.symmetric must be auto, true or false, not {cfg.loss.symmetric!r}")
     if cfg.synth.contrast not in ("random", "t1", "mixed"):
