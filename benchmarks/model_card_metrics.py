@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     card["metrics_std"] = {k: (v["std"] if isinstance(v, dict) else None) for k, v in runs[0]["summary"].items()}
     if len(runs) > 1:
         card["metrics_refined"] = dict(flat(runs[-1]["summary"]), io_steps=runs[-1]["io_steps"])
+    else:  # an earlier refined row was measured on other weights or another run: never keep it beside these
+        card.pop("metrics_refined", None)
     card["evaluation"] = {
         "pairs": "pairs_val.csv of the development data (6 pairs, 35 labels, 1 mm box), never trained on",
         "command": command,
