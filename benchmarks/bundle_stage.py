@@ -3,7 +3,9 @@
     python benchmarks/bundle_stage.py runs/dp-conv-c-s8 --what "session 8: from stage 1's weights, ..."
 
 The run folder holds the export of ``unireg train --init-encoder models/X.safetensors ...`` (``X.safetensors``,
-``X.json``, ``config.yaml``, ``log.csv``, ``val.csv``). This script
+``X.json``, ``config.yaml``, ``log.csv``, ``val.csv``; for a model trained by ``benchmarks/gpu_run.py``: a folder
+holding the ``X.safetensors``, ``X.json`` and ``X-log.csv`` it brought home, the rest is written from the card).
+This script
 
 * turns the bundled card's training record into stages (a card without ``training.stages`` becomes stage 1) and
   gives the last stage the sha256 of the weights the run started from, so each stage can be reproduced in turn;
@@ -123,6 +125,9 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
     if "steps" not in card_new["description"]:
         card_new["description"] += f" ({steps} steps)"
 
+    for f in RUN_FILES:  # before anything is written: a refused run leaves models/ as it was
+        if not (run / f).is_file() and not _derivable(f, new, run, name):
+            raise SystemExit(f"error: {run} holds no {f} (nor what it could be written from)")
     if not dry_run:
         shutil.copyfile(run / weights_path.name, weights_path)
         card_new["sha256"] = sha256(weights_path)
@@ -130,8 +135,38 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
         dest = ROOT / "models" / "training" / run.name
         dest.mkdir(parents=True, exist_ok=True)
         for f in RUN_FILES:
-            shutil.copyfile(run / f, dest / f)
+            if (run / f).is_file():
+                shutil.copyfile(run / f, dest / f)
+            else:
+                write_run_file(f, card_new["training"], run, name, dest / f)
     return card_new
+
+
+def _derivable(f: str, training: dict, run: Path, name: str) -> bool:
+    """Whether :func:`write_run_file` can write run file ``f`` that the run folder lacks."""
+    return {"log.csv": (run / f"{name}-log.csv").is_file(), "config.yaml": "config" in training,
+            "val.csv": bool(training.get("val_history"))}.get(f, False)
+
+
+def write_run_file(f: str, training: dict, run: Path, name: str, dest: Path) -> None:
+    """A run file that a ``benchmarks/gpu_run.py`` export lacks, from what it brought home.
+
+    A lent GPU returns at most 8 files, so ``gpu_run.py`` sends per model only the weights, the card (whose training
+    record holds the full config and the validation history) and ``<model>-log.csv``."""
+    if f == "log.csv" and (run / f"{name}-log.csv").is_file():
+        shutil.copyfile(run / f"{name}-log.csv", dest)
+    elif f == "config.yaml" and "config" in training:
+        import yaml
+
+        dest.write_text(yaml.safe_dump(training["config"], sort_keys=False))
+    elif f == "val.csv" and training.get("val_history"):
+        import csv
+
+        rows = training["val_history"]
+        with open(dest, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,12 @@
     python benchmarks/gpu_run.py --data .carry/data --out $OUT --budget-s 540                # on the GPU machine
     python benchmarks/gpu_run.py --dry-run --out /tmp/dry                                    # CI: CPU, tiny, < 1 min
 
+The lent machine's image has torch but not nibabel: carry its wheel (``pip download --no-deps nibabel -d .whl``,
+3.3 MB; the tracked tree, ``.whl`` and the pack must stay under 64 MiB) and the pack, and start the call with
+``pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site``
+(session 19's call: ``models/training/README.md``, "On a lent GPU"). To bring a model home, copy its three files
+into a run folder of its own and bundle it: ``benchmarks/bundle_stage.py runs/dp-vfa-gpu19 --what "..."``.
+
 1. **check**: every DP variant (bundled weights) on the first validation pair at ``--check-grid`` (half by
    default, so the CPU reference stays cheap): the device's field in fp32, bf16 and fp16 autocast against the
    CPU fp32 field, max |difference| in voxels (the issue's bar for a ``register`` default: 0.05 voxel; fp16
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -227,8 +234,11 @@ def time_train_steps(grid, device, amp: str, steps: int, clock: Clock, log) -> d
 
 
 def train_model(name: str, data: Path, grid, device, time_limit: float, work: Path, out: Path, dry: bool,
-                log) -> dict:
-    """Train ``name`` from its bundled weights for ``time_limit`` s; copy weights, card and log into ``out``."""
+                log, call: str = "python benchmarks/gpu_run.py") -> dict:
+    """Train ``name`` from its bundled weights for ``time_limit`` s; copy weights, card and log into ``out``.
+
+    ``call`` is the command line of this script: the card's stage command, with the time limit and data seed it
+    chose, so that ``benchmarks/bundle_stage.py`` records how the stage can be run again."""
     from napari_unireg.models.registry import weights_dir
     from napari_unireg.train.config import load_config
     from napari_unireg.train.loop import train
@@ -266,7 +276,9 @@ def train_model(name: str, data: Path, grid, device, time_limit: float, work: Pa
     if dry:
         overrides += [("threads", 1)]
     cfg = load_config(None, overrides)
-    cmd = f"python benchmarks/gpu_run.py (train {name}, time_limit_s={time_limit:.0f})"
+    # what reproduces this stage: the call itself and the settings it chose (the full config is in the card)
+    cmd = (f"{call}  # its training of {name}: "
+           f"optim.time_limit_s={time_limit:.1f}, data.seed={dict(overrides)['data.seed']}")
     t0 = time.perf_counter()
     res = train(cfg, run, command=cmd)
     summary = {
@@ -320,6 +332,7 @@ def main(argv=None) -> int:  # noqa: C901
                    help="kept free after each run's steps for its validation, export and copying (40; dry 5)")
     p.add_argument("--skip", nargs="*", default=[], choices=["check", "timing", "train"], help="stages to skip")
     args = p.parse_args(argv)
+    call = "python benchmarks/gpu_run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     dry = args.dry_run
     clock = Clock(args.budget_s if args.budget_s is not None else (60 if dry else 540))
     min_train = args.min_train_s if args.min_train_s is not None else (5 if dry else 120)
@@ -387,7 +400,7 @@ def main(argv=None) -> int:  # noqa: C901
                     break
                 # the first model gets all the time unless the second would still get its minimum
                 share = left if i == len(TRAIN) - 1 else max(min_train, left - max(min_train, 0.35 * left))
-                stages["train"][name] = train_model(name, data, grid, device, share, work, out, dry, log)
+                stages["train"][name] = train_model(name, data, grid, device, share, work, out, dry, log, call)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     except UserError as e:

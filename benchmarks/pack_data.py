@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=".carry/data", help="folder to write (ignored by git)")
     p.add_argument("--synth", default="auto", help="folder of SynthSeg label maps (auto: synthseg_labels/ beside "
                    "--data when present; none: no synthesis maps)")
-    p.add_argument("--synth-maps", type=int, default=16, help="how many synthesis maps to pack (size: ~0.4 MB each)")
+    p.add_argument("--synth-maps", type=int, default=9, help="how many synthesis maps to pack (~0.4 MB each; "
+                   "9 keep the tracked tree, the nibabel wheel and the pack under the 64 MiB a lent GPU takes)")
     p.add_argument("--preset", type=int, default=6, help="LZMA preset (0-9)")
     args = p.parse_args(argv)
     from napari_unireg.errors import UserError

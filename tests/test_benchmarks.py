@@ -303,6 +303,15 @@ def test_readme_tables_render_the_report_and_judge_the_targets(tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("a\n") and text.endswith("c\n") and "| 0.720 ± 0.010 |" in text
     assert "Measured on an unnamed CPU" in text  # the machine line comes from the report (none in this one)
+    assert "GPU (< 0.1 s per pair for every DP variant, full resolution): not measured" in text
+    gpu = {"machine": {"gpu": "NVIDIA H200"}, "stages": {"inference": {"models": {
+        "a": {"fp32_s": 0.05, "bf16_s": 0.04}, "b": {"fp32_s": 0.5}, "c": {"error": "OOM"}}}}}
+    assert tables.gpu_check(gpu, "g.json") == ("* GPU (< 0.1 s per pair for every DP variant, full resolution): "
+                                               "1 of 2 on an NVIDIA H200 in fp32, 0.050–0.500 s (**not met**: b "
+                                               "0.50 s; `g.json`).")
+    gpu["stages"]["inference"]["models"]["b"]["fp32_s"] = 0.09
+    assert "2 of 2 on an NVIDIA H200 in fp32, 0.050–0.090 s (met)" in tables.gpu_check(gpu)
+    assert "not measured" in tables.gpu_check({**gpu, "dry_run": True})  # a CPU dry run says nothing of a GPU
     rep["machine"] = {"cpu": "Test CPU", "logical_cores": 2, "threads": 2, "gpu": None,
                       "load_avg_start": 0.21, "load_avg_end": 1.04}
     assert tables.machine_line(rep) == ("Measured on Test CPU, 2 logical cores, 2 threads, no GPU; 1-min load "
@@ -408,6 +417,49 @@ def test_bundle_stage_appends_the_run_and_records_the_weights_it_started_from(tm
     (run / "m.json").write_text(json.dumps({"name": "m", "description": "", "training": new_record}))
     stages = bundle_stage.bundle(run, "stage three", dry_run=True)["training"]["stages"]
     assert [s["stage"] for s in stages] == [1, 2, 3]
+
+
+def test_bundle_stage_takes_a_gpu_run_export_and_writes_its_run_files_from_the_card(tmp_path, monkeypatch):
+    """benchmarks/gpu_run.py brings home only weights, card and ``<model>-log.csv`` (8 files at most): the stage's
+    config.yaml and val.csv are written from the card's training record, readable by yaml and csv."""
+    import csv
+
+    import bundle_stage
+    import yaml
+
+    monkeypatch.setattr(bundle_stage, "ROOT", tmp_path / "repo")
+    models = tmp_path / "repo" / "models"
+    models.mkdir(parents=True)
+    (models / "m.safetensors").write_bytes(b"old")
+    (models / "m.json").write_text(json.dumps({"name": "m", "sha256": "abc", "description": "m (100 steps)",
+                                               "training": {"stages": [{"stage": 1, "steps": 100,
+                                                                        "wall_time_s": 10.0}]}}))
+    run = tmp_path / "runs" / "m-gpu19"
+    run.mkdir(parents=True)
+    config = {"model": "m", "data": {"seed": 91209, "grid_shape": [160, 224, 192]}, "device": "cuda"}
+    history = [{"step": 1011, "dice": 0.7278, "ndv": 0.0436}]
+    record = {"command": "python benchmarks/gpu_run.py --data .carry/data --out $OUT", "steps": 1011,
+              "wall_time_s": 290.0, "init": {"source": "/elsewhere/models/m.safetensors"}, "config": config,
+              "val_history": history}
+    (run / "m.json").write_text(json.dumps({"name": "m", "description": "m (1011 steps)", "training": record}))
+    (run / "m.safetensors").write_bytes(b"new")
+    (run / "m-log.csv").write_text("step,loss\n1,0.7\n")
+
+    card = bundle_stage.bundle(run, "gpu stage")
+    assert [s["steps"] for s in card["training"]["stages"]] == [100, 1011]
+    dest = models / "training" / "m-gpu19"
+    assert yaml.safe_load((dest / "config.yaml").read_text()) == config
+    with open(dest / "val.csv", newline="") as fh:
+        assert [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)] == history
+    assert (dest / "log.csv").read_text() == "step,loss\n1,0.7\n"
+    (dest / "log.csv").unlink()
+    (run / "m-log.csv").unlink()  # no log at all: refused with one line, not a traceback
+    (run / "m.json").write_text(json.dumps({"name": "m", "description": "", "training": {
+        **record, "init": {"source": "models/m.safetensors"}}}))
+    before = {q.name: q.read_bytes() for q in models.glob("m.*")}
+    with pytest.raises(SystemExit, match="holds no log.csv"):
+        bundle_stage.bundle(run, "again")
+    assert {q.name: q.read_bytes() for q in models.glob("m.*")} == before  # refused before writing anything
 
 
 def test_bundle_stage_from_a_sibling_takes_the_siblings_stages(tmp_path, monkeypatch):
