@@ -15,11 +15,12 @@ into a run folder of its own and bundle it: ``benchmarks/bundle_stage.py runs/dp
    CPU fp32 field, max |difference| in voxels (the issue's bar for a ``register`` default: 0.05 voxel; fp16
    only on CUDA: on a CPU it is emulated and takes minutes);
 2. **timing**: inference of every DP variant on the device at full resolution (fp32 and bf16 autocast; the issue's
-   target is < 0.1 s per pair) and one training step (phases, as ``benchmarks/training.py --profile``) of
-   dp-vfa and dp-convic-c;
-3. **training**: dp-vfa, then dp-convic-c if at least ``--min-train-s`` remain, at full resolution from the bundled
-   weights (warm restart), with synthesis (40 %, a Dice term on the painted pairs) and augmentation, through
-   ``napari_unireg.train`` with ``optim.time_limit_s`` so each run stops, validates and exports in time;
+   target is < 0.1 s per pair), one training step (phases, as ``benchmarks/training.py --profile``) of
+   dp-vfa and dp-convic-c, and the operators of one dp-convic-c forward pass (``torch.profiler``);
+3. **training**: dp-vfa, then dp-convic-c if at least ``--min-train-s`` remain (``--train`` names one or two
+   others), at full resolution from the bundled weights (warm restart), with synthesis (40 %, a Dice term on the
+   painted pairs) and augmentation, through ``napari_unireg.train`` with ``optim.time_limit_s`` so each run
+   stops, validates and exports in time;
 4. **output** (flat, ≤ 8 files, each ≤ 16 MiB): ``report.json``, and per trained model
    ``<model>.safetensors``, ``<model>.json`` (the card) and ``<model>-log.csv``.
 
@@ -216,6 +217,36 @@ def time_inference(grid, device, clock: Clock, repeats: int, log) -> dict:
     return res
 
 
+def profile_forward(name: str, data: Path, grid, device, log, top: int = 12) -> dict:
+    """The operators that take the time of one fp32 forward pass of ``name`` on the first validation pair at
+    ``grid`` (``torch.profiler``, after a warm-up): where the inverse-consistent variants' 0.4–0.5 s on the H200
+    goes (session 19) — the calls of ``grid_sampler_3d`` count the fixed-point iterations of the inversions."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from napari_unireg.models.registry import load_pretrained
+
+    model, _ = load_pretrained(name, str(device))
+    mov, fix = _val_pair(data, grid, 1, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with torch.inference_mode():
+        model(mov, fix)
+        _sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            model(mov, fix)
+            _sync(device)
+        wall = time.perf_counter() - t0
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
+    total = sum(getattr(e, key, 0.0) for e in events) / 1e3
+    ops = [{"op": e.key, "calls": int(e.count), "self_ms": getattr(e, key, 0.0) / 1e3} for e in events[:top]]
+    log(f"profile {name}: {wall:.3f} s under the profiler, {total:.1f} ms of {key}; top: "
+        + ", ".join(f"{o['op']} {o['self_ms']:.1f} ms/{o['calls']}" for o in ops[:4]))
+    return {"model": name, "grid": list(mov.shape[2:]), "wall_s": wall, "time_key": key, "total_ms": total,
+            "top": ops}
+
+
 def time_train_steps(grid, device, amp: str, steps: int, clock: Clock, log) -> dict:
     """Phases of one training step (benchmarks/training.py's profile) of the trained models at ``grid``."""
     sys.path.insert(0, str(HERE))
@@ -234,7 +265,7 @@ def time_train_steps(grid, device, amp: str, steps: int, clock: Clock, log) -> d
 
 
 def train_model(name: str, data: Path, grid, device, time_limit: float, work: Path, out: Path, dry: bool,
-                log, call: str = "python benchmarks/gpu_run.py") -> dict:
+                log, call: str = "python benchmarks/gpu_run.py", resolution: str = "full") -> dict:
     """Train ``name`` from its bundled weights for ``time_limit`` s; copy weights, card and log into ``out``.
 
     ``call`` is the command line of this script: the card's stage command, with the time limit and data seed it
@@ -249,7 +280,7 @@ def train_model(name: str, data: Path, grid, device, time_limit: float, work: Pa
         ("model", name),
         ("data.source", str(data / "dataset.json")),
         ("data.grid_shape", list(grid)),
-        ("data.resolution", "full"),
+        ("data.resolution", resolution),  # the card's resolution: what `register` runs the network at
         ("data.num_workers", 0 if dry else max(1, min(8, (os.cpu_count() or 2) - 2))),
         ("data.seed", int(time.time()) % 100000),  # a new stretch of pairs for every lent window
         ("device", "cpu" if dry else str(device)),
@@ -331,8 +362,15 @@ def main(argv=None) -> int:  # noqa: C901
     p.add_argument("--reserve-s", type=float, default=None,
                    help="kept free after each run's steps for its validation, export and copying (40; dry 5)")
     p.add_argument("--skip", nargs="*", default=[], choices=["check", "timing", "train"], help="stages to skip")
+    p.add_argument("--train-resolution", choices=["full", "half"], default="full",
+                   help="grid the models train (and will run) at: full = 1 mm, half = 2 mm (CPU-fast)")
+    p.add_argument("--train", nargs="+", default=TRAIN, choices=DP, metavar="MODEL",
+                   help=f"models to train, in turn, from their bundled weights (default: {' '.join(TRAIN)})")
     args = p.parse_args(argv)
     call = "python benchmarks/gpu_run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if len(args.train) > 2 or len(set(args.train)) < len(args.train):
+        # a lent GPU returns at most 8 files: report.json, 3 per trained model and the call's own log
+        p.error("--train takes one or two different models (3 files each come back, 8 files at most)")
     dry = args.dry_run
     clock = Clock(args.budget_s if args.budget_s is not None else (60 if dry else 540))
     min_train = args.min_train_s if args.min_train_s is not None else (5 if dry else 120)
@@ -387,11 +425,15 @@ def main(argv=None) -> int:  # noqa: C901
         if "timing" not in args.skip:
             stages["inference"] = time_inference(grid, device, clock, 2 if dry else 5, log)
             stages["train_step"] = time_train_steps(grid, device, amp, 1 if dry else 2, clock, log)
+            try:
+                stages["profile"] = profile_forward("dp-convic-c", data, grid, device, log)
+            except Exception as e:  # a profiler that fails here must not cost the window its training
+                stages["profile"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if "train" not in args.skip:
             stages["train"] = {}
-            for i, name in enumerate(TRAIN):
+            for i, name in enumerate(args.train):
                 left = clock.left() - reserve
                 if dry and i == 0:
                     left = max(left, min_train)  # CI proves the training stage even on a slow, shared runner
@@ -399,8 +441,9 @@ def main(argv=None) -> int:  # noqa: C901
                     log(f"skipping the training of {name}: {left:.0f} s left (< {min_train:.0f} s)")
                     break
                 # the first model gets all the time unless the second would still get its minimum
-                share = left if i == len(TRAIN) - 1 else max(min_train, left - max(min_train, 0.35 * left))
-                stages["train"][name] = train_model(name, data, grid, device, share, work, out, dry, log, call)
+                share = left if i == len(args.train) - 1 else max(min_train, left - max(min_train, 0.35 * left))
+                stages["train"][name] = train_model(name, data, grid, device, share, work, out, dry, log, call,
+                                                     args.train_resolution)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     except UserError as e:

@@ -30,9 +30,14 @@ def _card(model: str) -> dict[str, Any]:
 
 
 def _steps(model: str) -> str:
+    """How many training steps the card records, and on what (a stage's ``hardware.device``)."""
     t = _card(model).get("training", {})
     n = t.get("total_steps") or t.get("steps")
-    return f"{n} CPU steps" if n else "untrained"
+    if not n:
+        return "untrained"
+    stages = t.get("stages") or [t]
+    gpu = sum(int(s.get("steps", 0)) for s in stages if str(s.get("hardware", {}).get("device", "")).startswith("cuda"))
+    return f"{n:,} steps: {n - gpu:,} CPU + {gpu:,} GPU" if gpu else f"{n:,} CPU steps"
 
 
 def _label(name: str, report: dict[str, Any], default_model: str) -> str:

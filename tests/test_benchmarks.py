@@ -319,6 +319,16 @@ def test_readme_tables_render_the_report_and_judge_the_targets(tmp_path):
     assert tables.main([str(tmp_path / "missing.json")]) == 2
 
 
+def test_readme_tables_count_a_models_steps_by_the_hardware_of_each_stage(monkeypatch):
+    import readme_tables as tables
+
+    cards = {"a": {"training": {"total_steps": 2989, "stages": [{"steps": 1978, "hardware": {"device": "cpu"}},
+                                                               {"steps": 1011, "hardware": {"device": "cuda:0"}}]}},
+             "b": {"training": {"steps": 828, "hardware": {"device": "cpu"}}}, "c": {}}
+    monkeypatch.setattr(tables, "_card", lambda m: cards[m])
+    assert [tables._steps(m) for m in "abc"] == ["2,989 steps: 1,978 CPU + 1,011 GPU", "828 CPU steps", "untrained"]
+
+
 def test_robustness_corruption_is_deterministic_and_keeps_the_background():
     import robustness
 

@@ -69,7 +69,14 @@ def test_gpu_run_dry_run_writes_report_weights_and_logs(tmp_path):
     else:
         assert len(bf16) == len(checks) and all(r["bf16_s"] > 0 for r in timed)
     assert all(r["total_s"] > 0 for r in report["stages"]["train_step"].values())
+    prof = report["stages"]["profile"]  # where an inverse-consistent forward pass spends its time
+    assert prof["model"] == "dp-convic-c" and prof["top"] and prof["total_ms"] >= prof["top"][0]["self_ms"] > 0
+    assert any(o["op"] == "aten::grid_sampler_3d" and o["calls"] > 1 for o in prof["top"])
     vfa = report["stages"]["train"]["dp-vfa"]
     assert vfa["steps"] >= 1 and {"dp-vfa.safetensors", "dp-vfa.json", "dp-vfa-log.csv"} <= set(files)
     model, card = load_weights(out / "dp-vfa", expected_name="dp-vfa")
     assert card["training"]["steps"] == vfa["steps"] and card["training"]["init"]["encoder_tensors"] > 0
+    # the card's command reruns the stage: the call itself, with the time limit and data seed it chose
+    cmd = card["training"]["command"]
+    assert cmd.startswith(f"python benchmarks/gpu_run.py --dry-run --out {out} --budget-s 60  # its training of dp-vfa")
+    assert f"data.seed={card['training']['config']['data']['seed']}" in cmd

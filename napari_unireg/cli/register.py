@@ -128,13 +128,15 @@ def _say_memory(args) -> None:
     """State the memory this run needs (UserError when the machine cannot hold it), from the file headers."""
     import nibabel as nib
 
+    from ..pipeline.models import network_plan
     from ..pipeline.stages import check_memory
 
     try:
         shapes = [nib.load(str(p)).shape[:3] for p in (args.fixed, args.moving)]
     except Exception:  # noqa: BLE001  (an unreadable file gets its own clear message from load_volume next)
         return
-    line = check_memory(*shapes)
+    opts = options_from_args(args)
+    line = check_memory(*shapes, network=network_plan(opts.model, opts.checkpoint, opts.resolution))
     if not args.quiet:
         print(line, file=sys.stderr)
 

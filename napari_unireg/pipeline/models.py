@@ -68,6 +68,29 @@ def model_key(model: str, checkpoint: str | None) -> str:
     return str(key)
 
 
+def network_plan(model: str, checkpoint: str | None, resolution: str) -> tuple[str, str] | None:
+    """``(model name, resolution it will run at)`` from the cards alone (no network is built), for the memory
+    estimate before a run; None for the classical method or a checkpoint without a readable card."""
+    import json
+
+    from ..models.catalog import MODEL_NAMES
+    from ..models.checkpoint import checkpoint_paths
+    from ..models.registry import bundled_card
+
+    key = model_key(model, checkpoint)
+    if key == CLASSICAL:
+        return None
+    if key in MODEL_NAMES:
+        card = bundled_card(key) or {}
+    else:
+        try:
+            card = json.loads(checkpoint_paths(key)[1].read_text())
+        except (OSError, ValueError):
+            return None
+    name = str(card.get("name") or key)
+    return name, resolution if resolution != "auto" else str(card.get("resolution", "full"))
+
+
 def check_model(key: str) -> None:
     """:class:`UserError` unless ``key`` is the classical method, a registry name or an existing checkpoint."""
     from ..models.catalog import MODEL_NAMES

@@ -295,15 +295,38 @@ def metrics(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None) -> 
 MEMORY_BASE = 0.75 * 2**30
 MEMORY_PER_FIXED_VOXEL = 52
 MEMORY_PER_MOVING_VOXEL = 12
+#: What a network needs beyond that, by (model, resolution it runs at): the model grid is always 160×224×192, so
+#: it does not depend on the images. Measured as the peak RSS of ``unireg register`` on a 1 mm validation pair
+#: (``--prealign none``, 2 threads; session 19) minus the estimate above (1.16 GB): at 1 mm dp-vfa peaks at
+#: 3.4 GB, dp-convic-c at 4.4 GB; at 2 mm the inverse-consistent variants at 2.1 GB (their composition runs on
+#: the 1 mm grid), the others within the estimate. A pair not measured takes the largest value of its resolution.
+NETWORK_EXTRA_BYTES = {
+    ("dp-vfa", "full"): 2.3 * 2**30, ("dp-convic-c", "full"): 3.3 * 2**30,
+    ("dp-convic-c", "half"): 1.0 * 2**30, ("dp-convic-mf", "half"): 1.0 * 2**30,
+    ("dp-vfa", "half"): 0, ("dp-conv-mf", "half"): 0, ("dp-conv-mfc", "half"): 0, ("dp-conv-c", "half"): 0,
+}
 
 
-def estimate_peak_bytes(fixed_shape, moving_shape=None) -> int:
+def network_extra_bytes(network: tuple[str, str] | None) -> int:
+    """:data:`NETWORK_EXTRA_BYTES` of ``(model, resolution)``; 0 for None (no network in the run)."""
+    if network is None:
+        return 0
+    if network in NETWORK_EXTRA_BYTES:
+        return int(NETWORK_EXTRA_BYTES[network])
+    same_resolution = [v for (_, res), v in NETWORK_EXTRA_BYTES.items() if res == network[1]]
+    return int(max(same_resolution or NETWORK_EXTRA_BYTES.values()))
+
+
+def estimate_peak_bytes(fixed_shape, moving_shape=None, network: tuple[str, str] | None = None) -> int:
     """Peak resident memory a registration of these shapes needs (bytes, an upper estimate from
-    :data:`MEMORY_BASE` and the per-voxel costs). The shapes come from the file headers (``nib.load(path).shape``
-    reads no data), so the estimate is known before anything is loaded."""
+    :data:`MEMORY_BASE`, the per-voxel costs and, when ``network`` = ``(model, resolution)`` is given, what that
+    network needs: :func:`network_extra_bytes`). The shapes come from the file headers (``nib.load(path).shape``
+    reads no data) and the network's resolution from its card, so the estimate is known before anything is
+    loaded."""
     n_fixed = int(np.prod([int(n) for n in tuple(fixed_shape)[:3]]))
     n_moving = int(np.prod([int(n) for n in tuple(moving_shape)[:3]])) if moving_shape is not None else n_fixed
-    return int(MEMORY_BASE + MEMORY_PER_FIXED_VOXEL * n_fixed + MEMORY_PER_MOVING_VOXEL * n_moving)
+    return int(MEMORY_BASE + MEMORY_PER_FIXED_VOXEL * n_fixed + MEMORY_PER_MOVING_VOXEL * n_moving
+               + network_extra_bytes(network))
 
 
 def available_memory_bytes() -> int | None:
@@ -322,16 +345,22 @@ def available_memory_bytes() -> int | None:
         return None
 
 
-def check_memory(fixed_shape, moving_shape=None, available: int | None = None) -> str:
+def check_memory(fixed_shape, moving_shape=None, available: int | None = None,
+                 network: tuple[str, str] | None = None) -> str:
     """One line stating the memory a run needs; :class:`UserError` (one line) when the machine cannot hold it.
 
-    ``available`` defaults to :func:`available_memory_bytes` (unknown: the run is allowed)."""
-    need = estimate_peak_bytes(fixed_shape, moving_shape)
+    ``available`` defaults to :func:`available_memory_bytes` (unknown: the run is allowed); ``network`` is
+    ``(model, resolution)`` (:func:`..pipeline.models.network_plan`)."""
+    need = estimate_peak_bytes(fixed_shape, moving_shape, network)
     have = available_memory_bytes() if available is None else available
     shape = "×".join(str(int(n)) for n in tuple(fixed_shape)[:3])
     if have is not None and need > have:
+        half = network is not None and network[1] == "full" and network_extra_bytes((network[0], "half")) < \
+            network_extra_bytes(network)
+        hint = "close other programs, run the network at 2 mm (--resolution half)" if half else \
+            "close other programs"
         raise UserError(f"not enough memory: a {shape} fixed image needs about {need / 2**30:.1f} GB and "
-                        f"{have / 2**30:.1f} GB are available; close other programs or resample the fixed image "
+                        f"{have / 2**30:.1f} GB are available; {hint} or resample the fixed image "
                         "to a coarser grid (e.g. 1 mm)")
     avail = f" of {have / 2**30:.1f} GB available" if have is not None else ""
     return f"memory: about {need / 2**30:.1f} GB needed{avail} (fixed grid {shape})"

@@ -35,8 +35,9 @@ class RegisterOptions:
     io_lambda: float = 2.0  # diffusion weight of the refinement (and of the classical method)
     io_fold_weight: float = 100.0  # weight of the refinement's folding penalty mean(relu(0.05 - J))
     grid_shape: tuple[int, int, int] = (160, 224, 192)
-    # CUDA autocast: off until a GPU run shows a half-precision field within 0.05 voxel of fp32 (issue 12);
-    # bf16 on CPU moves dp-vfa's field by 0.16-0.42 voxel
+    # fp16 autocast on CUDA (opt-in): on an H200 it moved dp-vfa's field by 0.063 voxel against the CPU's fp32
+    # (bf16: 0.18-0.38 voxel on every variant; fp32: <= 0.014) and was not faster (bench/gpu_run_s19.md), so
+    # the default stays fp32 on every device
     amp: bool = False
     seed: int = 0
     metrics: bool = True  # run the metrics stage (Dice/HD95/SDlogJ/NDV/folding)
