@@ -214,7 +214,9 @@ class RegisterWidget(QWidget):
                                        "registering; already brain-extracted images are left as they are")
         self.cmb_resolution = QComboBox()
         self.cmb_resolution.addItems(["auto", "full", "half"])
-        self.cmb_resolution.setToolTip("auto: the model card's; half: 4x less memory and time, coarser field")
+        self.cmb_resolution.setToolTip("auto: what the model was trained at last (its card's); full: 1 mm; "
+                                       "half: the network at 2 mm, 8x fewer voxels: several times faster on a CPU "
+                                       "and less memory, a coarser field (lower Dice for a 1 mm-trained model)")
         self.spin_steps = QSpinBox()
         self.spin_steps.setRange(0, 5000)
         self.spin_steps.setSingleStep(10)
