@@ -136,7 +136,10 @@ def _say_memory(args) -> None:
     except Exception:  # noqa: BLE001  (an unreadable file gets its own clear message from load_volume next)
         return
     opts = options_from_args(args)
-    line = check_memory(*shapes, network=network_plan(opts.model, opts.checkpoint, opts.resolution))
+    # on a GPU the network's activations are in device memory, not in this process's RSS
+    on_gpu = str(opts.device).startswith("cuda")
+    line = check_memory(*shapes, network=None if on_gpu else network_plan(opts.model, opts.checkpoint,
+                                                                          opts.resolution))
     if not args.quiet:
         print(line, file=sys.stderr)
 
