@@ -125,8 +125,9 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
     if "steps" not in card_new["description"]:
         card_new["description"] += f" ({steps} steps)"
 
-    for f in RUN_FILES:  # before anything is written: a refused run leaves models/ as it was
-        if not (run / f).is_file() and not _derivable(f, new, run, name):
+    writers = {f: run_file_writer(f, new, run, name) for f in RUN_FILES if not (run / f).is_file()}
+    for f, writer in writers.items():  # before anything is written: a refused run leaves models/ as it was
+        if writer is None:
             raise SystemExit(f"error: {run} holds no {f} (nor what it could be written from)")
     if not dry_run:
         shutil.copyfile(run / weights_path.name, weights_path)
@@ -135,38 +136,37 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
         dest = ROOT / "models" / "training" / run.name
         dest.mkdir(parents=True, exist_ok=True)
         for f in RUN_FILES:
-            if (run / f).is_file():
-                shutil.copyfile(run / f, dest / f)
+            if f in writers:
+                writers[f](dest / f)
             else:
-                write_run_file(f, card_new["training"], run, name, dest / f)
+                shutil.copyfile(run / f, dest / f)
     return card_new
 
 
-def _derivable(f: str, training: dict, run: Path, name: str) -> bool:
-    """Whether :func:`write_run_file` can write run file ``f`` that the run folder lacks."""
-    return {"log.csv": (run / f"{name}-log.csv").is_file(), "config.yaml": "config" in training,
-            "val.csv": bool(training.get("val_history"))}.get(f, False)
-
-
-def write_run_file(f: str, training: dict, run: Path, name: str, dest: Path) -> None:
-    """A run file that a ``benchmarks/gpu_run.py`` export lacks, from what it brought home.
+def run_file_writer(f: str, training: dict, run: Path, name: str):
+    """How to write run file ``f`` that a ``benchmarks/gpu_run.py`` export lacks (a function of the destination
+    path), or None when nothing it brought home holds it.
 
     A lent GPU returns at most 8 files, so ``gpu_run.py`` sends per model only the weights, the card (whose training
     record holds the full config and the validation history) and ``<model>-log.csv``."""
     if f == "log.csv" and (run / f"{name}-log.csv").is_file():
-        shutil.copyfile(run / f"{name}-log.csv", dest)
-    elif f == "config.yaml" and "config" in training:
+        return lambda dest: shutil.copyfile(run / f"{name}-log.csv", dest)
+    if f == "config.yaml" and "config" in training:
         import yaml
 
-        dest.write_text(yaml.safe_dump(training["config"], sort_keys=False))
-    elif f == "val.csv" and training.get("val_history"):
-        import csv
+        return lambda dest: dest.write_text(yaml.safe_dump(training["config"], sort_keys=False))
+    if f == "val.csv" and training.get("val_history"):
+        return lambda dest: _write_csv(dest, training["val_history"])
+    return None
 
-        rows = training["val_history"]
-        with open(dest, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+
+def _write_csv(dest: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(dest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def main(argv=None) -> int:

@@ -276,13 +276,14 @@ def train_model(name: str, data: Path, grid, device, time_limit: float, work: Pa
 
     synth = data / "synth"
     run = work / name
+    seed = int(time.time()) % 100000  # a new stretch of pairs for every lent window
     overrides = [
         ("model", name),
         ("data.source", str(data / "dataset.json")),
         ("data.grid_shape", list(grid)),
         ("data.resolution", resolution),  # the card's resolution: what `register` runs the network at
         ("data.num_workers", 0 if dry else max(1, min(8, (os.cpu_count() or 2) - 2))),
-        ("data.seed", int(time.time()) % 100000),  # a new stretch of pairs for every lent window
+        ("data.seed", seed),
         ("device", "cpu" if dry else str(device)),
         ("amp", "auto"),
         ("init_encoder", str(weights_dir() / f"{name}.safetensors")),
@@ -309,7 +310,7 @@ def train_model(name: str, data: Path, grid, device, time_limit: float, work: Pa
     cfg = load_config(None, overrides)
     # what reproduces this stage: the call itself and the settings it chose (the full config is in the card)
     cmd = (f"{call}  # its training of {name}: "
-           f"optim.time_limit_s={time_limit:.1f}, data.seed={dict(overrides)['data.seed']}")
+           f"optim.time_limit_s={time_limit:.1f}, data.seed={seed}")
     t0 = time.perf_counter()
     res = train(cfg, run, command=cmd)
     summary = {

@@ -204,7 +204,8 @@ def main(argv=None) -> int:
         table = results_table(report) + "\n\n" + machine_line(report)
         targets = target_checks(report, gpu=gpu, gpu_source=args.gpu_report or "")
     except (OSError, ValueError, KeyError) as exc:
-        print(f"error: {args.report} is not a complete accuracy report ({exc})", file=sys.stderr)
+        which = f"{args.report} or {args.gpu_report}" if args.gpu_report else args.report
+        print(f"error: {which} is not a complete report ({exc})", file=sys.stderr)
         return 2
     if args.update:
         path = Path(args.update)

@@ -355,10 +355,8 @@ def check_memory(fixed_shape, moving_shape=None, available: int | None = None,
     have = available_memory_bytes() if available is None else available
     shape = "×".join(str(int(n)) for n in tuple(fixed_shape)[:3])
     if have is not None and need > have:
-        half = network is not None and network[1] == "full" and network_extra_bytes((network[0], "half")) < \
-            network_extra_bytes(network)
-        hint = "close other programs, run the network at 2 mm (--resolution half)" if half else \
-            "close other programs"
+        at_1mm = network is not None and network[1] == "full"
+        hint = "close other programs, run the network at 2 mm (--resolution half)" if at_1mm else "close other programs"
         raise UserError(f"not enough memory: a {shape} fixed image needs about {need / 2**30:.1f} GB and "
                         f"{have / 2**30:.1f} GB are available; {hint} or resample the fixed image "
                         "to a coarser grid (e.g. 1 mm)")
