@@ -145,39 +145,55 @@ def score(disp: np.ndarray, pair: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- methods
+#: what a registration's metrics say about the weights that ran (``napari_unireg.pipeline.register``)
+WEIGHT_FACTS = ("resolution", "weights_resolution", "weights_sha256")
+
+
 def our_methods(models: list[str] | None, io_steps: list[int]) -> list[dict[str, Any]]:
-    """``[{'name', 'model', 'io_steps', 'trained'}]``: bundled variants (or ``models``) × io_steps, + classical."""
+    """``[{'name', 'model', 'resolution', 'io_steps', 'trained'}]``: bundled variants (or ``models``) × io_steps,
+    + classical. ``NAME@full`` / ``NAME@half`` runs a model at that resolution (its weights trained at it, when it
+    bundles them: ``--models dp-vfa@full dp-vfa@half`` compares a model's two weight files); plain ``NAME`` runs
+    at ``auto``, what ``unireg register`` does on this device."""
     from napari_unireg.core.instance_opt import refinement_levels
-    from napari_unireg.models.registry import list_models
+    from napari_unireg.models.registry import RESOLUTIONS, list_models
 
     infos = {m.name: m for m in list_models()}
     names = models if models is not None else [m.name for m in infos.values() if m.weights] + [CLASSICAL]
     out = []
-    for name in names:
+    for spec in names:
+        name, _, resolution = spec.partition("@")
+        resolution = resolution or "auto"
         if name != CLASSICAL and name not in infos and not Path(name).exists():
             from napari_unireg.errors import UserError
 
             raise UserError(f"unknown model {name!r}; `unireg models` lists them")
+        if resolution not in ("auto", *RESOLUTIONS):
+            raise SystemExit(f"error: {spec}: the resolution after @ is one of {', '.join(RESOLUTIONS)}")
         trained = name == CLASSICAL or Path(name).exists() or infos[name].weights
         for io in ([0] if name == CLASSICAL else io_steps):
-            label = name if io == 0 else f"{name} + IO {io}"
+            label = spec if io == 0 else f"{spec} + IO {io}"
             if not trained:
                 label += " (untrained)"
-            out.append({"name": label, "model": name, "io_steps": int(io), "trained": bool(trained), "kind": "ours",
+            out.append({"name": label, "model": name, "resolution": resolution, "io_steps": int(io),
+                        "trained": bool(trained), "kind": "ours",
                         "io_levels": [list(level) for level in refinement_levels(int(io))]})
     return out
 
 
 def run_ours(method: dict[str, Any], pair: dict[str, Any], device: str,
              prealign: str) -> tuple[np.ndarray, float, dict]:
-    """``(disp on the fixed canonical grid, seconds, engine seconds)`` for one of our methods."""
+    """``(disp on the fixed canonical grid, seconds, engine seconds)`` for one of our methods; ``method`` gets
+    the engine's facts of which weights ran at what resolution (:data:`WEIGHT_FACTS`)."""
     from napari_unireg.pipeline import RegisterOptions, register_volumes
 
     model = method["model"]
     opts = RegisterOptions(model=model if not Path(model).exists() else "default",
                            checkpoint=model if Path(model).exists() else None,
-                           device=device, prealign=prealign, io_steps=method["io_steps"])
+                           device=device, prealign=prealign, io_steps=method["io_steps"],
+                           resolution=method.get("resolution", "auto"))
     res = register_volumes(pair["fixed"], pair["moving"], options=opts)
+    # the report names the weights that ran (a model may bundle one file per resolution)
+    method.update({k: res.metrics[k] for k in WEIGHT_FACTS if k in res.metrics})
     return res.disp_native, float(res.seconds["registration"]), dict(res.seconds)
 
 
@@ -392,7 +408,8 @@ def run(args) -> dict[str, Any]:
             "pairs": list(per_pair),
             "prealign": args.prealign,
             "order": order,
-            "methods": {**{m["name"]: {k: m[k] for k in ("model", "io_steps", "io_levels", "trained", "kind")}
+            "methods": {**{m["name"]: {k: m[k] for k in ("model", "io_steps", "io_levels", "trained", "kind",
+                                                          *WEIGHT_FACTS) if k in m}
                            for m in methods},
                         **{p: {"kind": "peer", "version": peers.peer_version(p)} for p in peer_names}},
             "summary": summarize(per_pair, order),

@@ -17,6 +17,10 @@ This script
 The card's ``metrics`` are the run's own validation until ``benchmarks/model_card_metrics.py --from-report``
 refreshes them from an accuracy run. Refuses a run that did not start from the bundled weights.
 
+A run trained at another resolution than the model's main pair (``--resolution half`` from 1 mm weights) is bundled
+beside it as ``models/<name>.half.*`` (the registry's per-resolution weights): its stages are those of the weights it
+started from, found by the sha256 in its init record, followed by the run.
+
 A run that started a variant afresh from a sibling's bundled weights (``unireg train --model dp-convic-mf
 --init-encoder models/dp-conv-mf.safetensors``) is bundled with ``--from-model dp-conv-mf``: the new card's stages
 are then the sibling's stages (each naming the model it trained) followed by the run, and the variant's own earlier
@@ -33,6 +37,8 @@ import re
 import shutil
 import sys
 from pathlib import Path
+
+from napari_unireg.models.registry import RESOLUTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = ("config.yaml", "log.csv", "val.csv")
@@ -53,20 +59,38 @@ def portable_command(command: str, run: Path, cache_dir: str | None) -> str:
     return command.replace(str(ROOT.parent / "shared"), "../shared").replace("/work/shared", "../shared")
 
 
+def target_stem(name: str, resolution: str) -> str:
+    """Where a run trained at ``resolution`` is bundled: the main pair ``models/<name>`` when the model has none
+    yet or its main pair was trained at that resolution, else ``models/<name>.<resolution>`` (the registry's
+    per-resolution weights, ``napari_unireg.models.registry.bundled_weights``)."""
+    main = ROOT / "models" / f"{name}.json"
+    if not main.is_file() or json.loads(main.read_text()).get("resolution", "full") == resolution:
+        return name
+    return f"{name}.{resolution}"
+
+
 def stage_of(training: dict, number: int, what: str, run_folder: str) -> dict:
     stage = {"stage": number, "what": what, "run_folder": run_folder}
     stage.update({k: training[k] for k in STAGE_KEYS if k in training})
     return stage
 
 
-def _started_from(init: dict, card: dict, weights: Path, run: Path) -> None:
-    """Refuse a run whose init record names other weights than ``weights`` (bundled with ``card``)."""
-    if Path(init.get("source", "")).name != weights.name:
-        raise SystemExit(f"error: {run} started from {init.get('source', '')!r}, not from the bundled {weights.name}")
-    # runs exported before the init record carried a hash are matched by file name only
-    if init.get("sha256", card["sha256"]) != card["sha256"]:
-        raise SystemExit(f"error: {run} started from other weights than the bundled {weights.name} "
-                         f"(sha256 {init['sha256'][:12]}…, the card has {card['sha256'][:12]}…)")
+def _source_stem(init: dict, stems: list[str], run: Path) -> str:
+    """The bundled weight file (stem under ``models/``, one of ``stems``) the run started from: the one whose card
+    has the sha256 the run's init record holds (whatever the path it was given as), else, for runs exported
+    before the record carried a hash, the one with the file name. Refuses any other start."""
+    cards = {stem: json.loads((ROOT / "models" / f"{stem}.json").read_text()) for stem in stems
+             if (ROOT / "models" / f"{stem}.json").is_file()}
+    source = Path(init.get("source", "")).name
+    sha = init.get("sha256")
+    for stem, card in cards.items():
+        if (card.get("sha256") == sha) if sha is not None else (source == f"{stem}.safetensors"):
+            return stem
+    names = " or ".join(f"{stem}.safetensors" for stem in cards) or f"{stems[0]}.safetensors"
+    if sha is not None and source in {f"{stem}.safetensors" for stem in cards}:
+        raise SystemExit(f"error: {run} started from other weights than the bundled {source} "
+                         f"(sha256 {sha[:12]}…, the card has {cards[source[:-len('.safetensors')]]['sha256'][:12]}…)")
+    raise SystemExit(f"error: {run} started from {init.get('source', '')!r}, not from the bundled {names}")
 
 
 def _stages_of(card: dict, name: str, first_what: str | None) -> list[dict]:
@@ -89,19 +113,19 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
         raise SystemExit(f"error: expected one exported card in {run}, found {[p.name for p in exports]}")
     card_new = json.loads(exports[0].read_text())
     name = card_new["name"]
-    card_path, weights_path = ROOT / "models" / f"{name}.json", ROOT / "models" / f"{name}.safetensors"
+    stem = target_stem(name, card_new.get("resolution", "full"))
+    card_path, weights_path = ROOT / "models" / f"{stem}.json", ROOT / "models" / f"{stem}.safetensors"
     init = card_new["training"].get("init", {})
     card_old = json.loads(card_path.read_text()) if card_path.is_file() else {}
     if from_model is None:
-        _started_from(init, card_old, weights_path, run)
-        stages = _stages_of(card_old, name, first_what)
+        source = _source_stem(init, [name, *(f"{name}.{r}" for r in RESOLUTIONS)], run)
+        stages = _stages_of(json.loads((ROOT / "models" / f"{source}.json").read_text()), name, first_what)
     else:
         card_from_path = ROOT / "models" / f"{from_model}.json"
         if not card_from_path.is_file():
             raise SystemExit(f"error: --from-model {from_model}: no bundled card {card_from_path}")
-        card_from = json.loads(card_from_path.read_text())
-        _started_from(init, card_from, ROOT / "models" / f"{from_model}.safetensors", run)
-        stages = _stages_of(card_from, from_model, first_what)
+        stages = _stages_of(json.loads(card_from_path.read_text()), from_model, first_what)
+        _source_stem(init, [from_model], run)
         for s in stages:
             s.setdefault("model", from_model)
 
@@ -130,7 +154,7 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
         if writer is None:
             raise SystemExit(f"error: {run} holds no {f} (nor what it could be written from)")
     if not dry_run:
-        shutil.copyfile(run / weights_path.name, weights_path)
+        shutil.copyfile(run / f"{name}.safetensors", weights_path)
         card_new["sha256"] = sha256(weights_path)
         card_path.write_text(json.dumps(card_new, indent=1))  # as model_card_metrics.py writes cards
         dest = ROOT / "models" / "training" / run.name

@@ -270,10 +270,13 @@ def train_model(name: str, data: Path, grid, device, time_limit: float, work: Pa
 
     ``call`` is the command line of this script: the card's stage command, with the time limit and data seed it
     chose, so that ``benchmarks/bundle_stage.py`` records how the stage can be run again."""
-    from napari_unireg.models.registry import weights_dir
+    from napari_unireg.models.registry import bundled_weights, weights_dir
     from napari_unireg.train.config import load_config
     from napari_unireg.train.loop import train
 
+    # continue the bundled weights trained at this resolution (a model may bundle one file per resolution)
+    files = bundled_weights(name)
+    start = files[resolution][0] if resolution in files else weights_dir() / name
     synth = data / "synth"
     run = work / name
     seed = int(time.time()) % 100000  # a new stretch of pairs for every lent window
@@ -286,7 +289,7 @@ def train_model(name: str, data: Path, grid, device, time_limit: float, work: Pa
         ("data.seed", seed),
         ("device", "cpu" if dry else str(device)),
         ("amp", "auto"),
-        ("init_encoder", str(weights_dir() / f"{name}.safetensors")),
+        ("init_encoder", f"{start}.safetensors"),
         ("synth.prob", 0.4),
         ("synth.label_maps", [str(synth)] if synth.is_dir() and any(synth.iterdir()) else []),
         # session 15's recipe: a Dice term on the painted pairs only (the real label maps stay out of the loss)

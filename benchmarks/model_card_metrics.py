@@ -37,7 +37,7 @@ def _summary(rows: list[dict], keys=KEYS + ("seconds",)) -> dict:
     return out
 
 
-def evaluate(model: str, data: Path, io_steps: int, device: str = "cpu") -> dict:
+def evaluate(model: str, data: Path, io_steps: int, device: str = "cpu", resolution: str = "auto") -> dict:
     import torch
 
     from napari_unireg.pipeline import RegisterOptions, register_volumes
@@ -50,7 +50,7 @@ def evaluate(model: str, data: Path, io_steps: int, device: str = "cpu") -> dict
         vols = [load_volume(data / d / f"UNIREG_{i}_0000.nii.gz", kind=k)
                 for d, i, k in (("imagesTr", f, "image"), ("imagesTr", m, "image"),
                                 ("labelsTr", f, "label"), ("labelsTr", m, "label"))]
-        opts = RegisterOptions(model=model, device=device, prealign="none", io_steps=io_steps)
+        opts = RegisterOptions(model=model, device=device, prealign="none", io_steps=io_steps, resolution=resolution)
         t = time.perf_counter()
         res = register_volumes(*vols, options=opts)
         row = {k: res.metrics.get(k) for k in KEYS}
@@ -63,8 +63,10 @@ def evaluate(model: str, data: Path, io_steps: int, device: str = "cpu") -> dict
             "threads": torch.get_num_threads(), "device": device}
 
 
-def runs_from_report(report_path: Path, model: str) -> list[dict]:
-    """``evaluate``-shaped runs of ``model`` (every io-steps value it ran) from an accuracy.py JSON report."""
+def runs_from_report(report_path: Path, model: str, resolution: str | None = None) -> list[dict]:
+    """``evaluate``-shaped runs of ``model`` (every io-steps value it ran) from an accuracy.py JSON report; with
+    ``resolution``, only the rows of its weights trained at that resolution run at it (a model may bundle one
+    weight file per resolution; reports older than that record neither and match)."""
     try:
         report = json.loads(Path(report_path).read_text())
     except (OSError, ValueError) as exc:
@@ -74,6 +76,9 @@ def runs_from_report(report_path: Path, model: str) -> list[dict]:
     runs = []
     for name, info in report["methods"].items():
         if info.get("kind") != "ours" or info.get("model") != model:
+            continue
+        if resolution is not None and (info.get("weights_resolution", resolution) != resolution
+                                       or info.get("resolution", resolution) != resolution):
             continue
         rows = [dict(report["per_pair"][pid][name], pair=pid) for pid in report["pairs"] if name in report["per_pair"][pid]]
         runs.append({"io_steps": int(info["io_steps"]), "summary": _summary(rows), "per_pair": rows,
@@ -86,7 +91,8 @@ def runs_from_report(report_path: Path, model: str) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
+    ap.add_argument("model", help="a bundled model (its main weights) or NAME.full / NAME.half (its weights "
+                                   "trained at that resolution)")
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--io-steps", type=int, nargs="+", default=[0, 50])
     ap.add_argument("--device", default="cpu")
@@ -96,11 +102,12 @@ def main(argv=None) -> int:
     data = Path(args.data)
     card_path = Path(args.models_dir) / f"{args.model}.json"
     card = json.loads(card_path.read_text())
+    name = card.get("architecture") or args.model
     if args.from_report:
-        runs = runs_from_report(Path(args.from_report), args.model)
+        runs = runs_from_report(Path(args.from_report), name, card.get("resolution", "full"))
         command = f"python benchmarks/model_card_metrics.py {args.model} --from-report {args.from_report}"
     else:
-        runs = [evaluate(args.model, data, n, args.device) for n in sorted(set(args.io_steps))]
+        runs = [evaluate(name, data, n, args.device, card.get("resolution", "full")) for n in sorted(set(args.io_steps))]
         command = (f"python benchmarks/model_card_metrics.py {args.model} --data {args.data} "
                    f"--io-steps {' '.join(map(str, args.io_steps))}")
     base = json.loads((data / "baselines_val.json").read_text())

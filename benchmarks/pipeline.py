@@ -281,8 +281,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     weights = {"label": "trained"}
     original = register_module.load_model
 
-    def load_model(model, checkpoint, dev):  # the pipeline's loader, plus inference.py's head randomisation
-        loaded = original(model, checkpoint, dev)
+    def load_model(model, checkpoint, dev, resolution="auto"):  # the pipeline's loader + inference.py's heads
+        loaded = original(model, checkpoint, dev, resolution)
         if loaded.net is not None and not loaded.trained:
             weights["label"] = "random init"
             if head_std > 0 and _randomise_heads(loaded.net, head_std):

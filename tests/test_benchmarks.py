@@ -187,6 +187,31 @@ def test_our_methods_expand_io_steps():
     assert any(n.startswith("dp-vfa + IO 25") for n in names) and len(names) == 3
 
 
+def test_our_methods_take_a_resolution_after_the_name():
+    methods = accuracy.our_methods(["dp-vfa@full", "dp-vfa@half", "dp-conv-c"], [0])
+    assert [(m["name"], m["model"], m["resolution"]) for m in methods] == [
+        ("dp-vfa@full", "dp-vfa", "full"), ("dp-vfa@half", "dp-vfa", "half"), ("dp-conv-c", "dp-conv-c", "auto")]
+    with pytest.raises(SystemExit, match="after @"):
+        accuracy.our_methods(["dp-vfa@quarter"], [0])
+
+
+def test_model_card_runs_of_one_weight_file_from_a_report_with_both(tmp_path):
+    """A report that ran dp-x's 1 mm and 2 mm weights: each card takes the rows of its own weights."""
+    import model_card_metrics as cards
+
+    row = {"hd95": 3.0, "sdlogj": 0.1, "ndv": 0.0, "folded_pct": 0.0, "seconds": 2.0}
+    report = {"complete": True, "pairs": ["a_b"], "machine": {"threads": 2},
+              "per_pair": {"a_b": {"dp-x@full": dict(row, dice=0.73), "dp-x@half": dict(row, dice=0.71)}},
+              "methods": {"dp-x@full": {"model": "dp-x", "io_steps": 0, "kind": "ours", "resolution": "full",
+                                        "weights_resolution": "full"},
+                          "dp-x@half": {"model": "dp-x", "io_steps": 0, "kind": "ours", "resolution": "half",
+                                        "weights_resolution": "half"}}}
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps(report))
+    assert cards.runs_from_report(path, "dp-x", "full")[0]["summary"]["dice"]["mean"] == pytest.approx(0.73)
+    assert cards.runs_from_report(path, "dp-x", "half")[0]["summary"]["dice"]["mean"] == pytest.approx(0.71)
+
+
 # --------------------------------------------------------------------------------------------- peers (optional)
 def _shifted_pair(tmp_path, shift=(1.5, -2.0, 1.0)):
     from scipy.ndimage import shift as nd_shift
@@ -319,13 +344,44 @@ def test_readme_tables_render_the_report_and_judge_the_targets(tmp_path):
     assert tables.main([str(tmp_path / "missing.json")]) == 2
 
 
+def test_readme_tables_name_the_resolution_and_judge_the_default_at_each(monkeypatch):
+    """A report that ran the default model's 1 mm and 2 mm weights: each row says which, and the default-model
+    target is judged on both, saying which one `auto` runs on a CPU."""
+    import readme_tables as tables
+
+    rep = _fake_report()
+    rep["order"][1:2] = ["dp-vfa@full", "dp-vfa@half"]
+    del rep["methods"]["dp-vfa"]
+    rep["methods"]["dp-vfa@full"] = {"model": "dp-vfa", "io_steps": 0, "kind": "ours", "resolution": "full",
+                                     "weights_resolution": "full"}
+    rep["methods"]["dp-vfa@half"] = {"model": "dp-vfa", "io_steps": 0, "kind": "ours", "resolution": "half",
+                                     "weights_resolution": "half"}
+    rep["summary"]["dp-vfa@full"] = dict(rep["summary"]["dp-vfa"], seconds=_stat(15.0), dice=_stat(0.73))
+    rep["summary"]["dp-vfa@half"] = rep["summary"].pop("dp-vfa")
+    cards = {(None, None): {}, ("dp-vfa", "full"): {"training": {"total_steps": 2989}},
+             ("dp-vfa", "half"): {"training": {"total_steps": 4000}}}
+    monkeypatch.setattr(tables, "_card", lambda m, r=None: cards.get((m, r or "full"), {}))
+    monkeypatch.setattr(tables, "_auto_on_cpu", lambda m: "half")
+    table = tables.results_table(rep).splitlines()
+    assert table[3].startswith("| **dp-vfa** (default) at 1 mm, network alone (2,989 CPU steps) | 0.730")
+    assert table[4].startswith("| **dp-vfa** (default) at 2 mm, network alone (4,000 CPU steps) | 0.710")
+    lines = [line for line in tables.target_checks(rep).splitlines() if line.startswith("* Default")]
+    assert lines[0].startswith("* Default model alone (dp-vfa, at 1 mm: `--resolution full`, and `auto` on a GPU): "
+                               "Dice 0.730 vs Greedy 0.720 (target ≥: met)")
+    assert "×2.0 Greedy's speed (target ≥ ×10: **not met**)" in lines[0]
+    assert lines[1].startswith("* Default model alone (dp-vfa, at 2 mm: what `auto` runs on a CPU): Dice 0.710")
+    assert "×15.0 Greedy's speed (target ≥ ×10: met)" in lines[1] and len(lines) == 2
+    rep["methods"]["dp-vfa@half"]["weights_resolution"] = "full"  # the 1 mm weights run at 2 mm
+    assert " at 2 mm, 1 mm weights, network alone" in tables.results_table(rep)
+
+
 def test_readme_tables_count_a_models_steps_by_the_hardware_of_each_stage(monkeypatch):
     import readme_tables as tables
 
     cards = {"a": {"training": {"total_steps": 2989, "stages": [{"steps": 1978, "hardware": {"device": "cpu"}},
                                                                {"steps": 1011, "hardware": {"device": "cuda:0"}}]}},
              "b": {"training": {"steps": 828, "hardware": {"device": "cpu"}}}, "c": {}}
-    monkeypatch.setattr(tables, "_card", lambda m: cards[m])
+    monkeypatch.setattr(tables, "_card", lambda m, weights_resolution=None: cards[m])
     assert [tables._steps(m) for m in "abc"] == ["2,989 steps: 1,978 CPU + 1,011 GPU", "828 CPU steps", "untrained"]
 
 
@@ -470,6 +526,54 @@ def test_bundle_stage_takes_a_gpu_run_export_and_writes_its_run_files_from_the_c
     with pytest.raises(SystemExit, match="holds no log.csv"):
         bundle_stage.bundle(run, "again")
     assert {q.name: q.read_bytes() for q in models.glob("m.*")} == before  # refused before writing anything
+
+
+def test_bundle_stage_puts_a_run_at_the_other_resolution_beside_the_main_weights(tmp_path, monkeypatch):
+    """A 2 mm run started from the 1 mm main pair (given by another path: matched by its sha256) becomes
+    ``models/m.half.*`` with the main pair's stages + the run; the main pair is untouched. The next 2 mm run
+    continues from ``m.half``."""
+    import hashlib
+
+    import bundle_stage
+
+    monkeypatch.setattr(bundle_stage, "ROOT", tmp_path / "repo")
+    models = tmp_path / "repo" / "models"
+    models.mkdir(parents=True)
+    main_sha = hashlib.sha256(b"1 mm weights").hexdigest()
+    (models / "m.safetensors").write_bytes(b"1 mm weights")
+    main_card = {"name": "m", "architecture": "m", "sha256": main_sha, "resolution": "full", "default": True,
+                 "description": "m (100 + 50 steps, full resolution)",
+                 "training": {"stages": [{"stage": 1, "steps": 100, "wall_time_s": 10.0},
+                                         {"stage": 2, "steps": 50, "wall_time_s": 5.0}]}}
+    (models / "m.json").write_text(json.dumps(main_card))
+
+    def run_folder(name: str, weights: bytes, init: dict) -> Path:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        record = {"command": "unireg train --model m --resolution half", "steps": 400, "wall_time_s": 1000.0,
+                  "init": init}
+        (run / "m.json").write_text(json.dumps({"name": "m", "architecture": "m", "resolution": "half",
+                                                "description": "m (400 steps, half resolution)", "training": record}))
+        (run / "m.safetensors").write_bytes(weights)
+        for f in ("config.yaml", "log.csv", "val.csv"):
+            (run / f).write_text(f)
+        return run
+
+    run = run_folder("m-half-s20", b"2 mm weights", {"source": "/tmp/copy-of-m.safetensors", "sha256": main_sha})
+    card = bundle_stage.bundle(run, "2 mm stage")
+    assert (models / "m.half.safetensors").read_bytes() == b"2 mm weights"
+    assert json.loads((models / "m.half.json").read_text()) == json.loads(json.dumps(card))
+    assert [s["steps"] for s in card["training"]["stages"]] == [100, 50, 400]
+    assert card["training"]["stages"][1]["weights_sha256"] == main_sha
+    assert card["resolution"] == "half" and "default" not in card  # the main pair's hand-written flag stays there
+    assert json.loads((models / "m.json").read_text()) == main_card
+    assert (models / "m.safetensors").read_bytes() == b"1 mm weights"
+
+    half_sha = hashlib.sha256(b"2 mm weights").hexdigest()
+    again = run_folder("m-half-s21", b"2 mm, more", {"source": "models/m.half.safetensors", "sha256": half_sha})
+    card = bundle_stage.bundle(again, "more 2 mm")
+    assert [s["steps"] for s in card["training"]["stages"]] == [100, 50, 400, 400]
+    assert card["training"]["stages"][2]["weights_sha256"] == half_sha
 
 
 def test_bundle_stage_from_a_sibling_takes_the_siblings_stages(tmp_path, monkeypatch):

@@ -97,9 +97,10 @@ def test_memory_estimate_counts_the_network_at_the_resolution_its_card_says(tmp_
         stages.check_memory(shape, available=(bare + full) // 2, network=("dp-vfa", "full"))
     assert "GB needed" in stages.check_memory(shape, available=(bare + full) // 2, network=("dp-vfa", "half"))
 
-    card = bundled_card("dp-vfa")
-    if card is not None:  # bundled weights: auto is the card's resolution, an explicit one wins
-        assert network_plan("dp-vfa", None, "auto") == ("dp-vfa", card["resolution"])
+    card = bundled_card("dp-conv-c")
+    if card is not None:  # one bundled weight file: auto is its card's resolution, an explicit one wins
+        assert network_plan("dp-conv-c", None, "auto") == ("dp-conv-c", card["resolution"])
+    assert network_plan("dp-conv-c", None, "full") == ("dp-conv-c", "full")
     assert network_plan("dp-vfa", None, "half") == ("dp-vfa", "half")
     assert network_plan("classical", None, "auto") is None
     ckpt = tmp_path / "mine.safetensors"

@@ -98,7 +98,14 @@ def model_tooltip(info: Any) -> str:
                     parts.append(f"{label} {metrics[key]}")
         if parts:
             lines.append("validation: " + ", ".join(parts))
-    if card.get("resolution"):
+    from napari_unireg.models.registry import RESOLUTION_MM as MM
+
+    cards = getattr(info, "cards", None) or {}
+    if len(cards) > 1:  # one weight file per resolution
+        lines.append("weights: " + ", ".join(
+            f"{MM.get(res, res)} (Dice {float(c['metrics']['dice']):.3f})" if (c.get("metrics") or {}).get("dice")
+            is not None else MM.get(res, res) for res, c in cards.items()))
+    elif card.get("resolution"):
         lines.append(f"resolution: {card['resolution']}")
     return "<br>".join(x for x in lines if x)
 
@@ -214,9 +221,11 @@ class RegisterWidget(QWidget):
                                        "registering; already brain-extracted images are left as they are")
         self.cmb_resolution = QComboBox()
         self.cmb_resolution.addItems(["auto", "full", "half"])
-        self.cmb_resolution.setToolTip("auto: what the model was trained at last (its card's); full: 1 mm; "
-                                       "half: the network at 2 mm, 8x fewer voxels: several times faster on a CPU "
-                                       "and less memory, a coarser field (lower Dice for a 1 mm-trained model)")
+        self.cmb_resolution.setToolTip("full: the network at 1 mm; half: at 2 mm, 8x fewer voxels: several times "
+                                       "faster on a CPU and less memory, a coarser field. A model with weights for "
+                                       "both runs the ones trained at it. auto: such a model's 1 mm weights on a "
+                                       "GPU, its 2 mm weights on a CPU; any other model at the resolution it was "
+                                       "trained at")
         self.spin_steps = QSpinBox()
         self.spin_steps.setRange(0, 5000)
         self.spin_steps.setSingleStep(10)

@@ -21,7 +21,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--prealign", choices=["affine", "none"], default="affine", help="affine pre-alignment of moving")
     p.add_argument("--resolution", choices=["auto", "full", "half"], default="auto",
-                   help="network input resolution; auto = the resolution the model was trained at")
+                   help="network input resolution: full (1 mm) or half (2 mm, 8x fewer voxels); a model bundled "
+                        "with weights for both runs the ones trained at it. auto = such a model's 1 mm weights on a "
+                        "GPU and its 2 mm weights on a CPU, any other model at the resolution it was trained at")
     p.add_argument("--skull-strip", choices=["auto", "on", "off"], default="auto",
                    help="brain extraction before registration (deepbet, extra [skullstrip]): auto = only images that "
                         "still have a skull (what was decided is printed), on = always, off = never")
@@ -103,6 +105,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_models(args) -> int:
+    from ..models.registry import RESOLUTION_MM as MM
     from ..models.registry import list_models
 
     infos = list_models()
@@ -117,17 +120,33 @@ def _cmd_models(args) -> int:
                 "weights": m.weights,
                 "description": m.description,
                 "val_dice": (m.card or {}).get("metrics", {}).get("dice") if m.card else None,
+                "resolution": (m.card or {}).get("resolution") if m.card else None,
+                "weights_by_resolution": {res: _weights_summary(card) for res, card in m.cards.items()},
             }
             for m in infos
         ]
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'name':<14} {'encoder':>10} {'decoder':>11} {'total':>11}  weights  description")
+    print(f"{'name':<14} {'encoder':>10} {'decoder':>11} {'total':>11}  {'weights':<13}  description")
     for m in infos:
         enc = f"{m.params_encoder:,}" if m.params_encoder is not None else "-"
-        print(f"{m.name:<14} {enc:>10} {m.params_decoder:>11,} {m.params_total:>11,}  "
-              f"{'yes' if m.weights else 'no':<7}  {m.description}")
+        weights = ", ".join(MM[res] for res in m.cards) if m.weights else "no"
+        print(f"{m.name:<14} {enc:>10} {m.params_decoder:>11,} {m.params_total:>11,}  {weights:<13}  {m.description}")
     return 0
+
+
+def _weights_summary(card: dict) -> dict:
+    """One weight file's card in brief: its validation numbers, training steps and hash."""
+    metrics = card.get("metrics") or {}
+    training = card.get("training") or {}
+    return {
+        "val_dice": metrics.get("dice"),
+        "val_ndv": metrics.get("ndv"),
+        "seconds_per_pair": metrics.get("seconds"),
+        "steps": training.get("total_steps", training.get("steps")),
+        "sha256": card.get("sha256"),
+        "description": card.get("description"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

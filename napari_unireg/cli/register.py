@@ -135,11 +135,14 @@ def _say_memory(args) -> None:
         shapes = [nib.load(str(p)).shape[:3] for p in (args.fixed, args.moving)]
     except Exception:  # noqa: BLE001  (an unreadable file gets its own clear message from load_volume next)
         return
+    from ..pipeline.device import resolve_device
+
     opts = options_from_args(args)
+    device = resolve_device(opts.device)
     # on a GPU the network's activations are in device memory, not in this process's RSS
-    on_gpu = str(opts.device).startswith("cuda")
+    on_gpu = device.type != "cpu"
     line = check_memory(*shapes, network=None if on_gpu else network_plan(opts.model, opts.checkpoint,
-                                                                          opts.resolution))
+                                                                          opts.resolution, device))
     if not args.quiet:
         print(line, file=sys.stderr)
 

@@ -467,7 +467,7 @@ def run_batch(
 
     from .device import resolve_device
 
-    load_model(options.model, options.checkpoint, resolve_device(options.device))  # once, before the first pair
+    load_model(options.model, options.checkpoint, resolve_device(options.device), options.resolution)  # once
 
     report = BatchReport()
     rows: dict[int, dict] = {}

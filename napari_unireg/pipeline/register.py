@@ -126,7 +126,7 @@ def register_volumes(
 
     device = resolve_device(options.device)
     reporter("load")(0.0)
-    model = load_model(options.model, options.checkpoint, device)
+    model = load_model(options.model, options.checkpoint, device, options.resolution)
     lap("model")
     stripped = None
     if options.skull_strip != "off":
@@ -152,7 +152,8 @@ def register_volumes(
     fixed_t, moving_t = stages.tensors(on_grid, device)
     report = reporter("inference")
     report(0.0)
-    field = stages.predict(model, fixed_t, moving_t, resolution=model.resolution(options.resolution), amp=options.amp,
+    run_resolution = model.resolution(options.resolution)
+    field = stages.predict(model, fixed_t, moving_t, resolution=run_resolution, amp=options.amp,
                            io_lambda=options.io_lambda, io_fold_weight=options.io_fold_weight, report=report,
                            should_stop=should_stop)
     report(1.0)
@@ -178,6 +179,9 @@ def register_volumes(
     lap("native")
     facts = dict(model=model.name, device=str(device), weights_trained=bool(model.trained), prealign=options.prealign,
                  io_steps=options.io_steps)
+    if model.net is not None:  # which weight file ran, and at what resolution (a model may bundle one per resolution)
+        facts.update(resolution=run_resolution, weights_resolution=str(model.card.get("resolution", "full")),
+                     weights_sha256=model.card.get("sha256"))
     if stripped is not None:
         facts["skull_strip"] = list(stripped.messages)
 
@@ -226,7 +230,7 @@ def warm_up(options: RegisterOptions | None = None, fixed=None, moving=None) -> 
 
     options = validate_options(options or RegisterOptions())
     device = resolve_device(options.device)
-    model = load_model(options.model, options.checkpoint, device)
+    model = load_model(options.model, options.checkpoint, device, options.resolution)
     if model.net is not None:
         empty = torch.zeros((1, 1, *options.grid_shape), dtype=torch.float32, device=device)
         stages.predict(model, empty, empty, resolution=model.resolution(options.resolution), amp=options.amp,
