@@ -238,8 +238,8 @@ def test_a_model_with_weights_per_resolution_runs_the_ones_for_the_resolution_an
     weights = (weights_dir() / "dp-conv-c.full.safetensors").read_bytes()
     assert (facts["resolution"], facts["weights_resolution"]) == ("full", "full")
     assert facts["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert "model dp-conv-c at 1 mm on cpu" in capsys.readouterr().out  # the one-line summary says which
 
-    capsys.readouterr()
     assert main(["models", "--json"]) == 0
     row = {r["name"]: r for r in json.loads(capsys.readouterr().out)}["dp-conv-c"]
     assert set(row["weights_by_resolution"]) == {"half", "full"}

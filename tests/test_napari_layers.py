@@ -214,5 +214,10 @@ def test_runs_store_suffix_and_tables(tmp_path):
     assert text.splitlines()[0] == "metric\ttoy\ttoy #2\tother"
     path = write_csv(str(tmp_path / "m.csv"), [(header, rows), (h2, rows2)])
     assert "Dice before (mean)" in open(path).read()
+    assert by["weights"] == ["trained"] * 3  # no facts of which weights ran (the classical method has none)
+    r1.metrics.update(resolution="half", weights_resolution="half")
+    r3.metrics.update(resolution="half", weights_resolution="full")
+    by = {row[0]: row[1:] for row in summary_table([r1, r3])[1]}
+    assert by["weights"] == ["trained at 2 mm", "trained at 1 mm, run at 2 mm"]
     store.remove(r2)
     assert len(store) == 2

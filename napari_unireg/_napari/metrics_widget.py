@@ -81,7 +81,14 @@ def _summary_value(run: Run, row: str, key: str | None) -> str:
     if row == "device":
         return str(run.result.device or m.get("device", ""))
     if row == "weights":
-        return "trained" if run.result.weights_trained else "UNTRAINED"
+        if not run.result.weights_trained:
+            return "UNTRAINED"
+        from napari_unireg.models.registry import RESOLUTION_MM as MM
+
+        trained, ran = MM.get(m.get("weights_resolution")), MM.get(m.get("resolution"))  # none for classical
+        if trained is None:
+            return "trained"
+        return f"trained at {trained}" + (f", run at {ran}" if ran and ran != trained else "")
     if row == "inverse consistency (vox)":
         ic = m.get("inverse_consistency")
         return _fmt(ic.get("mean")) if isinstance(ic, dict) else ""

@@ -99,7 +99,10 @@ def run_and_write(fixed, moving, fixed_seg, moving_seg, args):
 
 def summary(metrics: dict, wall: float | None = None) -> str:
     """The one-line result: model, Dice/HD95 when labels were given, regularity, seconds (wall when known)."""
-    parts = [f"model {metrics.get('model')} on {metrics.get('device')}"]
+    from ..models.registry import RESOLUTION_MM
+
+    at = RESOLUTION_MM.get(metrics.get("resolution"))  # which resolution the network ran at (none: classical)
+    parts = [f"model {metrics.get('model')}{f' at {at}' if at else ''} on {metrics.get('device')}"]
     if not metrics.get("weights_trained", True):
         parts.append("UNTRAINED weights")
     if metrics.get("dice_before") is not None:
