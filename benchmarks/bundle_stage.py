@@ -50,9 +50,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def portable_command(command: str, run: Path, cache_dir: str | None) -> str:
-    """The command as the README writes it: ``unireg train``, data under ``../shared``, runs under ``runs/``."""
+def portable_command(command: str, run: Path, cache_dir: str | None, init: tuple[str, str] | None = None) -> str:
+    """The command as the README writes it: ``unireg train``, data under ``../shared``, runs under ``runs/``, and
+    ``init = (path given, bundled stem)``: the weights it started from as the bundled file they were (a run is
+    often started from a copy, so that bundling can replace the file while the run still reads it)."""
     command = re.sub(r"\bpython3? -m napari_unireg\.train\b", "unireg train", command)
+    if init is not None and init[0]:
+        command = re.sub(rf"(--init-encoder[ =]){re.escape(init[0])}(?=\s|$)", rf"\g<1>models/{init[1]}.safetensors",
+                         command)
     if cache_dir:
         command = command.replace(str(Path(cache_dir)), "runs/cache")
     command = command.replace(str(run.resolve()), f"runs/{run.name}")
@@ -119,19 +124,20 @@ def bundle(run: Path, what: str, first_what: str | None = None, dry_run: bool = 
     card_old = json.loads(card_path.read_text()) if card_path.is_file() else {}
     if from_model is None:
         source = _source_stem(init, [name, *(f"{name}.{r}" for r in RESOLUTIONS)], run)
+        init_as = (init.get("source", ""), source)
         stages = _stages_of(json.loads((ROOT / "models" / f"{source}.json").read_text()), name, first_what)
     else:
         card_from_path = ROOT / "models" / f"{from_model}.json"
         if not card_from_path.is_file():
             raise SystemExit(f"error: --from-model {from_model}: no bundled card {card_from_path}")
         stages = _stages_of(json.loads(card_from_path.read_text()), from_model, first_what)
-        _source_stem(init, [from_model], run)
+        init_as = (init.get("source", ""), _source_stem(init, [from_model], run))
         for s in stages:
             s.setdefault("model", from_model)
 
     new = dict(card_new["training"])
     cache_dir = new.get("config", {}).get("data", {}).get("cache_dir")
-    new["command"] = portable_command(new["command"], run, cache_dir)
+    new["command"] = portable_command(new["command"], run, cache_dir, init_as)
     stages.append(stage_of(new, len(stages) + 1, what, f"models/training/{run.name}"))
     if from_model is not None:
         stages[-1]["model"] = name

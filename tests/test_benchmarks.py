@@ -550,8 +550,8 @@ def test_bundle_stage_puts_a_run_at_the_other_resolution_beside_the_main_weights
     def run_folder(name: str, weights: bytes, init: dict) -> Path:
         run = tmp_path / "runs" / name
         run.mkdir(parents=True)
-        record = {"command": "unireg train --model m --resolution half", "steps": 400, "wall_time_s": 1000.0,
-                  "init": init}
+        record = {"command": f"unireg train --model m --init-encoder {init['source']} --resolution half",
+                  "steps": 400, "wall_time_s": 1000.0, "init": init}
         (run / "m.json").write_text(json.dumps({"name": "m", "architecture": "m", "resolution": "half",
                                                 "description": "m (400 steps, half resolution)", "training": record}))
         (run / "m.safetensors").write_bytes(weights)
@@ -565,6 +565,8 @@ def test_bundle_stage_puts_a_run_at_the_other_resolution_beside_the_main_weights
     assert json.loads((models / "m.half.json").read_text()) == json.loads(json.dumps(card))
     assert [s["steps"] for s in card["training"]["stages"]] == [100, 50, 400]
     assert card["training"]["stages"][1]["weights_sha256"] == main_sha
+    # the command names the bundled file the copy was of, as a reader of the card can rerun it
+    assert card["training"]["command"] == "unireg train --model m --init-encoder models/m.safetensors --resolution half"
     assert card["resolution"] == "half" and "default" not in card  # the main pair's hand-written flag stays there
     assert json.loads((models / "m.json").read_text()) == main_card
     assert (models / "m.safetensors").read_bytes() == b"1 mm weights"
@@ -574,6 +576,7 @@ def test_bundle_stage_puts_a_run_at_the_other_resolution_beside_the_main_weights
     card = bundle_stage.bundle(again, "more 2 mm")
     assert [s["steps"] for s in card["training"]["stages"]] == [100, 50, 400, 400]
     assert card["training"]["stages"][2]["weights_sha256"] == half_sha
+    assert "--init-encoder models/m.half.safetensors " in card["training"]["stages"][-1]["command"]
 
 
 def test_bundle_stage_from_a_sibling_takes_the_siblings_stages(tmp_path, monkeypatch):
