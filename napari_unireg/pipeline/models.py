@@ -79,8 +79,8 @@ def weights_choice(trained: dict[str, Any], main: str, asked: str, device) -> st
 
     An explicit ``full``/``half`` takes the weights trained at it when bundled, else the main pair (which then runs
     at the asked resolution, at some loss of Dice). ``auto``, when the model has both: the 1 mm weights on a GPU (a
-    pass there costs ~0.05 s) and the 2 mm weights on a CPU (8× fewer voxels: dp-vfa 1.7 s instead of 14.4 s on
-    two cores, README); else the main pair.
+    pass there costs ~0.05 s) and the 2 mm weights on a CPU (8× fewer voxels: dp-vfa ~1–2 s instead of ~15 s on
+    two cores, README's Results); else the main pair.
     """
     if asked in trained:
         return asked
