@@ -7,7 +7,7 @@ interpolated back). The corruption of each image is fixed by its seed, the same 
 see identical inputs. Scoring is the accuracy benchmark's (Dice over the labels, NDV, …) on the fixed grid.
 
     python benchmarks/robustness.py --data ../shared/data/dataset.json --models dp-vfa runs/x/dp-vfa.safetensors \
-        --threads 2 --out bench/robustness_val.json
+        dp-convic-c@half --threads 2 --out bench/robustness_val.json
 
 The validation pairs are for measuring, never for choosing a training recipe by (the held-out brains the
 project is judged on are another scanner and labelling protocol).
@@ -61,7 +61,9 @@ def harder(pair: dict, index: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/dataset.json")
-    p.add_argument("--models", nargs="+", default=["dp-vfa"], help="registry names or .safetensors checkpoints")
+    p.add_argument("--models", nargs="+", default=["dp-vfa"],
+                   help="registry names or .safetensors checkpoints, each optionally @full or @half (the resolution "
+                        "it runs at, its weights trained at it when bundled; default auto, as in accuracy.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-pairs", type=int, default=None)
     p.add_argument("--out", default="bench/robustness_val.json")
@@ -69,6 +71,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    methods = accuracy.our_methods(args.models, [0])  # the network alone; NAME@half runs NAME at 2 mm
     pairs, source = accuracy.resolve_pairs(args.data, None)
     pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
     rows: dict[str, dict[str, list[dict]]] = {}
@@ -76,9 +79,9 @@ def main(argv=None) -> int:
     for i, (f, m) in enumerate(pairs):
         clean = accuracy.load_pair(f, m)
         for variant, pair in (("clean", clean), ("hard", harder(clean, i))):
-            for model in args.models:
-                method = {"model": model, "io_steps": 0}
-                disp, seconds, _ = accuracy.run_ours(method, pair, "cpu", "none")
+            for method in methods:
+                model = method["name"]
+                disp, seconds, _ = accuracy.run_ours(dict(method), pair, "cpu", "none")
                 row = accuracy.score(disp, pair) | {"seconds": seconds, "pair": clean["id"]}
                 rows.setdefault(model, {}).setdefault(variant, []).append(row)
                 print(f"{clean['id']} {variant:5s} {model}: Dice {row['dice']:.4f} NDV {row['ndv']:.4f}", flush=True)

@@ -400,6 +400,27 @@ def test_robustness_corruption_is_deterministic_and_keeps_the_background():
     assert np.abs(a[inside] - img[inside] / np.percentile(img[inside], 99.5)).mean() > 0.02  # but harder
 
 
+def test_robustness_runs_each_model_at_the_resolution_its_spec_names(tmp_path, monkeypatch):
+    """``NAME@half`` runs NAME's 2 mm weights at 2 mm (as in accuracy.py); a plain name runs at auto; each spec is
+    its own row of the report."""
+    import accuracy
+    import robustness
+
+    ran = []
+    monkeypatch.setattr(accuracy, "resolve_pairs", lambda data, pairs: ([("f", "m")], "dataset.json"))
+    monkeypatch.setattr(accuracy, "load_pair", lambda f, m: {"id": "0001_0002"})
+    monkeypatch.setattr(robustness, "harder", lambda pair, i: pair)
+    monkeypatch.setattr(accuracy, "run_ours", lambda method, pair, device, pre: ran.append(method) or (None, 1.0, {}))
+    monkeypatch.setattr(accuracy, "score", lambda disp, pair: {"dice": 0.7, "hd95": 3.0, "sdlogj": 0.1, "ndv": 0.0})
+    out = tmp_path / "r.json"
+    assert robustness.main(["--models", "dp-vfa@half", "dp-convic-c", "--out", str(out)]) == 0
+    assert [(m["model"], m["resolution"], m["io_steps"]) for m in ran] == [("dp-vfa", "half", 0),
+                                                                         ("dp-convic-c", "auto", 0)] * 2
+    assert list(json.loads(out.read_text())["summary"]) == ["dp-vfa@half", "dp-convic-c"]
+    with pytest.raises(SystemExit, match="resolution after @"):
+        robustness.main(["--models", "dp-vfa@quarter", "--out", str(out)])
+
+
 def test_refinement_benchmark_never_picks_a_validation_pair(tmp_path):
     """The refinement settings are chosen on training pairs: no pair of the list is a validation pair, in either
     direction, and disjoint pairs come first."""
