@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import napari
     import torch
-    from qtpy.QtCore import QTimer
+    from qtpy.QtCore import QEventLoop, QTimer
     from qtpy.QtWidgets import QApplication
 
     torch.set_num_threads(args.threads)
@@ -61,10 +61,9 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     def wait(seconds: float) -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            app.processEvents()
-            time.sleep(0.01)
+        loop = QEventLoop()
+        QTimer.singleShot(int(seconds * 1000), loop.quit)
+        loop.exec_()
 
     wait(args.think)
     ticks: list[float] = []
@@ -87,12 +86,21 @@ def main(argv=None) -> int:
         viewer.layers.events.inserted.connect(on_inserted)
         ticks.clear()
         stages.clear()
+        # wait in a Qt event loop, as napari's does (a processEvents/sleep poll would wake the GUI thread 200
+        # times a second and take the GIL and the cores from the worker: the user's GUI thread sleeps until an
+        # event comes)
+        loop = QEventLoop()
+
+        def done(*_args, loop=loop) -> None:
+            loop.quit()
+
+        widget.finished.connect(done)
         t0 = time.perf_counter()
         widget.btn_run.click()
-        while widget.busy:
-            app.processEvents()
-            time.sleep(0.005)
+        if widget.busy:
+            loop.exec_()
         t_end = time.perf_counter()
+        widget.finished.disconnect(done)
         app.processEvents()
         viewer.layers.events.inserted.disconnect(on_inserted)
         run = widget.last_run

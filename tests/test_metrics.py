@@ -236,6 +236,8 @@ def test_jacobian_torch_equals_numpy(rng):
     jt = M.jacobian_determinant_torch(torch.from_numpy(u))
     for b in range(2):
         np.testing.assert_allclose(jt[b].numpy(), M.jacobian_determinant(u[b]), rtol=1e-12, atol=1e-12)
+        # the rows shared among threads give the same values (slabs join without seams)
+        np.testing.assert_allclose(jt[b].numpy(), M.jacobian_determinant(u[b], threads=2), rtol=1e-12, atol=1e-12)
     # differentiable
     ut = torch.from_numpy(u[:1]).requires_grad_(True)
     M.jacobian_determinant_torch(ut).sum().backward()

@@ -202,11 +202,13 @@ def test_resample_affine_equals_scipy_affine_transform():
     diagonal[:3, 3] = [0.7, -1.2, 0.4]
     oblique = diagonal.copy()
     oblique[:3, :3] += rng.normal(scale=0.1, size=(3, 3))
-    for m in (diagonal, oblique):
+    # threads: the oblique path is cut into slabs along axis 0 (one per thread), which must join seamlessly
+    for m, threads in ((diagonal, 2), (oblique, 1), (oblique, 2), (oblique, 3)):
         out_shape = (11, 9, 13)
         ref = affine_transform(img.astype(np.float64), m, output_shape=out_shape, order=1, mode="constant", cval=0)
-        np.testing.assert_allclose(resample_affine(img, m, out_shape, order=1), ref, rtol=0, atol=1e-4)
-        lab = resample_affine(labels, m, out_shape, order=0)
+        np.testing.assert_allclose(resample_affine(img, m, out_shape, order=1, threads=threads), ref, rtol=0,
+                                   atol=1e-4)
+        lab = resample_affine(labels, m, out_shape, order=0, threads=threads)
         assert lab.dtype == np.uint8
         ref = affine_transform(labels, m, output_shape=out_shape, order=0, mode="constant", cval=0)
         assert np.mean(lab == ref) > 0.99  # ties at exactly .5 may round either way

@@ -259,6 +259,26 @@ def test_one_step_decreases_the_loss_on_a_fixed_pair():
     assert loss() < before
 
 
+def test_loss_window_reaches_the_similarity_of_a_step(tmp_path):
+    # the step's similarity term is the NCC of the window it is given, computed here independently from the model's
+    # own output (lr 0: the weights, hence the output, do not change); an even window is refused before training
+    from napari_unireg.core.losses import ncc_vfa
+    from napari_unireg.core.sample import warp
+    from napari_unireg.train.loop import _validate_cfg, train_step
+
+    model, _, moving, fixed = _tiny_step_problem()
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    with torch.no_grad():
+        warped = warp(moving, model(moving, fixed).disp)
+    sims = {w: train_step(model, opt, moving, fixed, window=w)["sim"] for w in (3, 9)}
+    for w, sim in sims.items():
+        assert sim == pytest.approx(float(ncc_vfa(fixed, warped, window=w)), rel=1e-5)
+    assert abs(sims[3] - sims[9]) > 1e-3
+    assert tc.load_config(overrides=["loss.window=5"]).loss.window == 5
+    with pytest.raises(UserError, match="loss.window"):
+        _validate_cfg(tc.load_config(overrides=["loss.window=4"]))
+
+
 def test_a_step_with_non_finite_gradients_is_skipped():
     from napari_unireg.train.loop import train_step
 

@@ -101,14 +101,46 @@ def warp_array(vol: np.ndarray, disp: np.ndarray, labels: bool = False) -> np.nd
 
 
 def warped_grids(disp: np.ndarray, spacing: int = 8, width: int = 1) -> list[np.ndarray]:
-    """Backward-warped grids for the three slicing axes (sagittal, coronal, axial), uint8 0..255 each.
+    """Backward-warped grids for the three slicing axes (sagittal, coronal, axial), uint8 0..255 each: the
+    trilinear pull of :func:`grid_volume` through ``disp`` (border padding), i.e. ``warp_array(grid_volume(...),
+    disp)``, computed in closed form.
 
-    One 3-channel warp instead of three; uint8 keeps three full-size grids at a quarter of float32 memory.
+    Why not sample: a grid volume is ``max`` of two 1-D line patterns ``b(n) = [(n mod spacing) < width]``, so its
+    trilinear interpolation at ``q = p + disp(p)`` is ``1 − (1 − B_j)(1 − B_k)`` with ``B`` the 1-D linear
+    interpolation of ``b`` along each in-plane axis (the weights are separable and ``b_j ∨ b_k = b_j + b_k −
+    b_j b_k``). That is a few element-wise passes instead of three 8-corner gathers: ~4× faster on a 1 mm brain
+    (the layer the GUI waits for), equal to the sampled grid up to float rounding (``tests/test_napari_layers.py``).
     """
-    shape = disp.shape[1:]
-    grids = np.stack([grid_volume(shape, spacing, width, plane_axis=a) for a in range(3)])
-    warped = warp_array(grids, disp)
-    return [np.clip(np.rint(w * 255.0), 0, 255).astype(np.uint8) for w in warped]
+    import torch
+
+    if spacing < 2 or width < 1 or width >= spacing:
+        raise ValueError(f"grid: need 1 <= width < spacing (got spacing={spacing}, width={width})")
+    d = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))
+    shape = tuple(d.shape[1:])
+    profiles = []
+    for ax in range(3):
+        view = [1, 1, 1]
+        view[ax] = shape[ax]
+        q = d[ax] + torch.arange(shape[ax], dtype=torch.float32).reshape(view)
+        profiles.append(_line_profile(q.clamp_(0, shape[ax] - 1), spacing, width))
+    out = []
+    for plane_axis in range(3):
+        j, k = (ax for ax in range(3) if ax != plane_axis)
+        off = (1.0 - profiles[j]).mul_(1.0 - profiles[k])  # 1 − grid value
+        out.append(off.mul_(-255.0).add_(255.0).round_().to(torch.uint8).numpy())
+    return out
+
+
+def _line_profile(q: "torch.Tensor", spacing: int, width: int) -> "torch.Tensor":
+    """Linear interpolation at ``q`` (float voxel coordinates, overwritten) of ``b(n) = [(n mod spacing) < width]``.
+
+    With ``r = q mod spacing``: 1 for ``r ≤ width − 1``, falling to 0 at ``r = width``, 0 up to ``spacing − 1``,
+    rising to 1 at ``spacing`` (the next line): ``clip(max(width − r, r − (spacing − 1)), 0, 1)``.
+    """
+    import torch
+
+    r = torch.remainder(q, spacing, out=q)
+    return torch.maximum(width - r, r.sub(spacing - 1)).clamp_(0.0, 1.0)
 
 
 def label_outlines(labels: np.ndarray) -> list[np.ndarray]:

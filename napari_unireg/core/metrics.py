@@ -321,43 +321,57 @@ def _det3(m00, m01, m02, m10, m11, m12, m20, m21, m22):
     return m00 * (m11 * m22 - m12 * m21) - m01 * (m10 * m22 - m12 * m20) + m02 * (m10 * m21 - m11 * m20)
 
 
-def _central_jacobian_cropped(u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def _central_jacobian_cropped(u: np.ndarray, out: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
     """``det(I + ∇u)`` with central differences at the voxels ``[2:-2]^3`` (there the zero padding of the
     Learn2Reg convention is never read, so plain slicing is exact). Computed in thin slabs whose temporaries
-    stay in the CPU cache (each voxel's value does not depend on the slab). ``out``: where to write (e.g. a
-    float32 view: the float64 values are rounded once, as by a later ``astype``)."""
+    stay in the CPU cache (each voxel's value does not depend on the slab), the slabs shared among ``threads``
+    threads (numpy releases the GIL). ``out``: where to write (e.g. a float32 view: the float64 values are
+    rounded once, as by a later ``astype``)."""
     _, n0, n1, n2 = u.shape
     if out is None:
         out = np.empty((max(n0 - 4, 0), max(n1 - 4, 0), max(n2 - 4, 0)), dtype=np.float64)
     if out.size == 0:
         return out
-    for s in range(2, n0 - 2, _SUBSLAB):
-        e = min(s + _SUBSLAB, n0 - 2)
-        g = [[None] * 3 for _ in range(3)]  # g[c][a] = d u_c / d x_a (+1 on the diagonal)
-        # float64 rows s-1..e of a float32 field: the same values as converting the whole field first
-        ub = np.asarray(u[:, s - 1 : e + 1], dtype=np.float64)
-        for c in range(3):
-            uc = ub[c]  # row r of uc is row s - 1 + r of u
-            g[c][0] = 0.5 * (uc[2:, 2 : n1 - 2, 2 : n2 - 2] - uc[:-2, 2 : n1 - 2, 2 : n2 - 2])
-            g[c][1] = 0.5 * (uc[1:-1, 3 : n1 - 1, 2 : n2 - 2] - uc[1:-1, 1 : n1 - 3, 2 : n2 - 2])
-            g[c][2] = 0.5 * (uc[1:-1, 2 : n1 - 2, 3 : n2 - 1] - uc[1:-1, 2 : n1 - 2, 1 : n2 - 3])
-            g[c][c] = g[c][c] + 1.0
-        out[s - 2 : e - 2] = _det3(*g[0], *g[1], *g[2])
+
+    def rows(start: int, stop: int) -> None:
+        for s in range(start, stop, _SUBSLAB):
+            e = min(s + _SUBSLAB, stop)
+            g = [[None] * 3 for _ in range(3)]  # g[c][a] = d u_c / d x_a (+1 on the diagonal)
+            # float64 rows s-1..e of a float32 field: the same values as converting the whole field first
+            ub = np.asarray(u[:, s - 1 : e + 1], dtype=np.float64)
+            for c in range(3):
+                uc = ub[c]  # row r of uc is row s - 1 + r of u
+                g[c][0] = 0.5 * (uc[2:, 2 : n1 - 2, 2 : n2 - 2] - uc[:-2, 2 : n1 - 2, 2 : n2 - 2])
+                g[c][1] = 0.5 * (uc[1:-1, 3 : n1 - 1, 2 : n2 - 2] - uc[1:-1, 1 : n1 - 3, 2 : n2 - 2])
+                g[c][2] = 0.5 * (uc[1:-1, 2 : n1 - 2, 3 : n2 - 1] - uc[1:-1, 2 : n1 - 2, 1 : n2 - 3])
+                g[c][c] = g[c][c] + 1.0
+            out[s - 2 : e - 2] = _det3(*g[0], *g[1], *g[2])
+
+    # contiguous row blocks, one per thread (rows 2 .. n0-3 are computed)
+    bounds = np.linspace(2, n0 - 2, max(1, min(int(threads), n0 - 4)) + 1).astype(int)
+    if len(bounds) == 2:
+        rows(2, n0 - 2)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(bounds) - 1) as pool:
+        list(pool.map(rows, bounds[:-1], bounds[1:]))  # list(): re-raises a block's exception
     return out
 
 
-def jacobian_determinant(disp: Any, dtype=np.float64) -> np.ndarray:
+def jacobian_determinant(disp: Any, dtype=np.float64, threads: int = 1) -> np.ndarray:
     """Central-difference Jacobian determinant ``det(I + ∇u)`` (full size ``D0×D1×D2``).
 
     Kernel ``[-0.5, 0, 0.5]`` with zero padding (Learn2Reg); the 2-voxel border, where the padding biases the
     value, is set to 1 (neutral, for display). Statistics use the cropped interior. Computed in float64;
     ``dtype=np.float32`` stores the values rounded to float32 (= ``astype(np.float32)`` of the float64 result,
-    without the float64 volume: a 0.5 mm grid's would be ~0.4 GB).
+    without the float64 volume: a 0.5 mm grid's would be ~0.4 GB). ``threads``: slabs computed at once (for a
+    caller with the cores to itself; the metrics stage computes it beside the label overlap, in one thread).
     """
     u = _as_disp(disp, dtype=None)  # converted slab by slab: no float64 copy of a large field
     jac = np.ones(u.shape[1:], dtype=dtype)
     if min(u.shape[1:]) >= 5:
-        _central_jacobian_cropped(u, out=jac[2:-2, 2:-2, 2:-2])
+        _central_jacobian_cropped(u, out=jac[2:-2, 2:-2, 2:-2], threads=threads)
     return jac
 
 

@@ -161,11 +161,14 @@ def resample_affine(
     out_shape: Sequence[int],
     order: int = 1,
     fill: float = 0.0,
+    threads: int = 2,
 ) -> np.ndarray:
     """Pull-resample ``array`` onto a grid of ``out_shape``: ``out[q] = array[out_to_in @ q]`` (4×4 voxel matrix).
 
     Linear (``order=1``) or nearest (``order=0``, dtype kept: label maps); ``fill`` outside the input. Uses the
-    separable exact kernel when ``out_to_in`` is diagonal, :func:`scipy.ndimage.affine_transform` otherwise.
+    separable exact kernel when ``out_to_in`` is diagonal, :func:`scipy.ndimage.affine_transform` otherwise, cut
+    into ``threads`` slabs along output axis 0 (``affine_transform`` is single-threaded and releases the GIL; the
+    moving image of every pre-aligned registration goes through here).
     """
     m = np.asarray(out_to_in, dtype=np.float64)
     out_shape = tuple(int(s) for s in out_shape)
@@ -175,8 +178,25 @@ def resample_affine(
     from scipy.ndimage import affine_transform
 
     if order == 0:
-        return affine_transform(array, m, output_shape=out_shape, order=0, mode="constant", cval=fill,
-                                output=array.dtype)
-    src = array if array.dtype.kind == "f" else array.astype(np.float32)
-    # mode='constant' with order 1 treats the outer half voxel as outside; positions are in the input's index space.
-    return affine_transform(src, m, output_shape=out_shape, order=1, mode="constant", cval=fill, prefilter=False)
+        src, kwargs = array, {"order": 0, "output": array.dtype}
+    else:
+        # mode='constant' with order 1 treats the outer half voxel as outside; positions in the input's index space
+        src, kwargs = (array if array.dtype.kind == "f" else array.astype(np.float32)), {"order": 1, "prefilter": False}
+    out = np.empty(out_shape, dtype=array.dtype if order == 0 else src.dtype)
+    rows = np.linspace(0, out_shape[0], max(1, min(int(threads), out_shape[0])) + 1).astype(int)
+
+    def slab(a: int, b: int) -> None:
+        # rows a..b: the same matrix, its translation moved by the slab's first row
+        shifted = m.copy()
+        shifted[:3, 3] += lin[:, 0] * a
+        out[a:b] = affine_transform(src, shifted, output_shape=(b - a, *out_shape[1:]), mode="constant", cval=fill,
+                                    **kwargs)
+
+    if len(rows) == 2:
+        slab(0, out_shape[0])
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(rows) - 1) as pool:
+        list(pool.map(slab, rows[:-1], rows[1:]))  # list(): re-raises a slab's exception
+    return out

@@ -365,8 +365,11 @@ def check_memory(fixed_shape, moving_shape=None, available: int | None = None,
 
 
 #: Voxels per slab of the native-grid stage: with :data:`NATIVE_THREADS` slabs in flight its float64 coordinate
-#: temporaries (~24 bytes a voxel per array) stay ~100 MB whatever the fixed image's size.
-NATIVE_SLAB_VOXELS = 2_000_000
+#: temporaries (~24 bytes a voxel per array) stay ~25 MB whatever the fixed image's size. Each array (12 MB) is
+#: also below glibc's largest heap allocation (32 MB): from the second slab on it reuses freed heap memory, where
+#: 2M-voxel slabs (48 MB arrays) were mapped and page-faulted anew for every slab (a 1 mm brain's stage:
+#: 0.6-3.9 s with 2M, 0.6-1.0 s with 500k: `bench/napari_speed_s23.md`).
+NATIVE_SLAB_VOXELS = 500_000
 #: Slabs computed at once: their work is numpy and ``map_coordinates``, which release the GIL.
 NATIVE_THREADS = 2
 
@@ -428,7 +431,7 @@ def native_grid(grid: OnModelGrid, disp: np.ndarray, inverse: np.ndarray | None,
         disp=disp_native,
         warped=warped,
         warped_seg=warped_seg,
-        jacobian=jacobian_determinant(disp_native, dtype=np.float32),  # float32 as written and displayed
+        jacobian=jacobian_determinant(disp_native, dtype=np.float32, threads=NATIVE_THREADS),  # as written, shown
         inverse=None if inverse is None else grid.mapping.field_to_native(inverse),
     )
 

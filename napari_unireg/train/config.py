@@ -114,6 +114,9 @@ class LossConfig:
     dice_weight: float = 0.0  # optional Dice loss with labels (off by default, as in the paper)
     dice_pairs: str = "all"  # all (real labelled + synthetic pairs) | synthetic (SynthMorph-style: only painted pairs)
     symmetric: str = "auto"  # auto (inverse-consistent models) | true | false
+    #: side of the NCC window in voxels of the training grid (odd): the paper's 9 is 9 mm at full resolution;
+    #: at data.resolution=half, 5 covers about the same 9-10 mm (9 would be 18 mm)
+    window: int = 9
 
 
 @dataclass

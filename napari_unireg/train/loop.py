@@ -220,6 +220,8 @@ def _validate_cfg(cfg: Config) -> None:
         raise UserError(f"optim.schedule must be cosine_restarts or constant, not {cfg.optim.schedule!r}")
     if cfg.loss.dice_pairs not in ("all", "synthetic"):
         raise UserError(f"loss.dice_pairs must be all or synthetic, not {cfg.loss.dice_pairs!r}")
+    if cfg.loss.window < 3 or cfg.loss.window % 2 == 0:
+        raise UserError(f"loss.window must be an odd number of voxels ≥ 3, not {cfg.loss.window}")
     if cfg.loss.symmetric not in ("auto", "true", "false", "True", "False"):
         raise UserError(f"loss.symmetric must be auto, true or false, not {cfg.loss.symmetric!r}")
     if cfg.synth.contrast not in ("random", "t1", "mixed"):
@@ -263,6 +265,7 @@ def train_step(
     fixed: Any,
     *,
     lam: float = 1.0,
+    window: int = 9,
     symmetric: bool = False,
     amp_dtype: Any = None,
     scaler: Any = None,
@@ -287,7 +290,7 @@ def train_step(
     if symmetric and inverse is None:
         raise UserError("loss.symmetric needs an inverse-consistent model (one that returns the inverse field)")
     target = RegistrationOutput(disp, inverse) if inverse is not None else disp
-    loss, sim, reg = registration_loss(fixed, moving, target, lam, return_terms=True)
+    loss, sim, reg = registration_loss(fixed, moving, target, lam, window=window, return_terms=True)
     dl = torch.zeros((), device=moving.device)
     if dice_weight > 0 and moving_label is not None and fixed_label is not None:
         dl = _dice_term(fixed_label, moving_label, disp)
@@ -759,6 +762,7 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
                             m,
                             f,
                             lam=cfg.loss.lam,
+                            window=cfg.loss.window,
                             symmetric=symmetric,
                             amp_dtype=amp_dtype,
                             scaler=scaler,
