@@ -259,7 +259,7 @@ def test_one_step_decreases_the_loss_on_a_fixed_pair():
     assert loss() < before
 
 
-def test_loss_window_reaches_the_similarity_of_a_step(tmp_path):
+def test_loss_window_reaches_the_similarity_of_a_step():
     # the step's similarity term is the NCC of the window it is given, computed here independently from the model's
     # own output (lr 0: the weights, hence the output, do not change); an even window is refused before training
     from napari_unireg.core.losses import ncc_vfa
