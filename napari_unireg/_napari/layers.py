@@ -63,14 +63,18 @@ def robust_normalize(img: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> np.n
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def _check_grid(spacing: int, width: int) -> None:
+    if spacing < 2 or width < 1 or width >= spacing:
+        raise ValueError(f"grid: need 1 <= width < spacing (got spacing={spacing}, width={width})")
+
+
 def grid_volume(shape: Sequence[int], spacing: int = 8, width: int = 1, plane_axis: int = 2) -> np.ndarray:
     """The paper's deformation-grid volume: 1-voxel (``width``) lines every ``spacing`` voxels (0, s, 2s, …)
     along the two axes other than ``plane_axis``, constant along ``plane_axis``; float32 in {0, 1}.
 
     Seen in a slice across ``plane_axis`` it is a square grid; warping it backward shows the deformation.
     """
-    if spacing < 2 or width < 1 or width >= spacing:
-        raise ValueError(f"grid: need 1 <= width < spacing (got spacing={spacing}, width={width})")
+    _check_grid(spacing, width)
     shape = tuple(int(s) for s in shape)
     out = np.zeros(shape, np.float32)
     for ax in range(3):
@@ -113,8 +117,7 @@ def warped_grids(disp: np.ndarray, spacing: int = 8, width: int = 1) -> list[np.
     """
     import torch
 
-    if spacing < 2 or width < 1 or width >= spacing:
-        raise ValueError(f"grid: need 1 <= width < spacing (got spacing={spacing}, width={width})")
+    _check_grid(spacing, width)
     d = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))
     shape = tuple(d.shape[1:])
     profiles = []

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .blocks import in_row_blocks
 
 __all__ = [
     "warp_labels_nearest",
@@ -347,15 +348,7 @@ def _central_jacobian_cropped(u: np.ndarray, out: np.ndarray | None = None, thre
                 g[c][c] = g[c][c] + 1.0
             out[s - 2 : e - 2] = _det3(*g[0], *g[1], *g[2])
 
-    # contiguous row blocks, one per thread (rows 2 .. n0-3 are computed)
-    bounds = np.linspace(2, n0 - 2, max(1, min(int(threads), n0 - 4)) + 1).astype(int)
-    if len(bounds) == 2:
-        rows(2, n0 - 2)
-        return out
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=len(bounds) - 1) as pool:
-        list(pool.map(rows, bounds[:-1], bounds[1:]))  # list(): re-raises a block's exception
+    in_row_blocks(rows, 2, n0 - 2, threads)  # rows 2 .. n0-3 are computed
     return out
 
 

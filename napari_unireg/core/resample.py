@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .blocks import in_row_blocks
+
 __all__ = ["sample_points", "pull_nearest", "sample_axis", "sample_separable", "resample_affine"]
 
 
@@ -183,7 +185,6 @@ def resample_affine(
         # mode='constant' with order 1 treats the outer half voxel as outside; positions in the input's index space
         src, kwargs = (array if array.dtype.kind == "f" else array.astype(np.float32)), {"order": 1, "prefilter": False}
     out = np.empty(out_shape, dtype=array.dtype if order == 0 else src.dtype)
-    rows = np.linspace(0, out_shape[0], max(1, min(int(threads), out_shape[0])) + 1).astype(int)
 
     def slab(a: int, b: int) -> None:
         # rows a..b: the same matrix, its translation moved by the slab's first row
@@ -192,11 +193,5 @@ def resample_affine(
         out[a:b] = affine_transform(src, shifted, output_shape=(b - a, *out_shape[1:]), mode="constant", cval=fill,
                                     **kwargs)
 
-    if len(rows) == 2:
-        slab(0, out_shape[0])
-        return out
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=len(rows) - 1) as pool:
-        list(pool.map(slab, rows[:-1], rows[1:]))  # list(): re-raises a slab's exception
+    in_row_blocks(slab, 0, out_shape[0], threads)
     return out
