@@ -20,7 +20,9 @@ into a run folder of its own and bundle it: ``benchmarks/bundle_stage.py runs/dp
 3. **training**: dp-vfa, then dp-convic-c if at least ``--min-train-s`` remain (``--train`` names one or two
    others), at full resolution from the bundled weights (warm restart), with synthesis (40 %, a Dice term on the
    painted pairs) and augmentation, through ``napari_unireg.train`` with ``optim.time_limit_s`` so each run
-   stops, validates and exports in time;
+   stops, validates and exports in time; ``--train-resolution half`` continues the 2 mm file instead, and
+   ``--set KEY=VALUE`` changes that recipe as ``unireg train --set`` does (dp-vfa's 2 mm line trains with
+   ``--set loss.window=5`` since session 23);
 4. **output** (flat, ≤ 8 files, each ≤ 16 MiB): ``report.json``, and per trained model
    ``<model>.safetensors``, ``<model>.json`` (the card) and ``<model>-log.csv``.
 
@@ -265,8 +267,12 @@ def time_train_steps(grid, device, amp: str, steps: int, clock: Clock, log) -> d
 
 
 def train_model(name: str, data: Path, grid, device, time_limit: float, work: Path, out: Path, dry: bool,
-                log, call: str = "python benchmarks/gpu_run.py", resolution: str = "full") -> dict:
+                log, call: str = "python benchmarks/gpu_run.py", resolution: str = "full",
+                extra: list[tuple[str, object]] = ()) -> dict:
     """Train ``name`` from its bundled weights for ``time_limit`` s; copy weights, card and log into ``out``.
+
+    ``extra`` are the call's ``--set`` overrides, applied after this function's recipe (the line's own recipe,
+    e.g. ``loss.window=5`` for dp-vfa's 2 mm line, ``models/training/README.md``).
 
     ``call`` is the command line of this script: the card's stage command, with the time limit and data seed it
     chose, so that ``benchmarks/bundle_stage.py`` records how the stage can be run again."""
@@ -310,7 +316,7 @@ def train_model(name: str, data: Path, grid, device, time_limit: float, work: Pa
     ]
     if dry:
         overrides += [("threads", 1)]
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, overrides + list(extra))
     # what reproduces this stage: the call itself and the settings it chose (the full config is in the card)
     cmd = (f"{call}  # its training of {name}: "
            f"optim.time_limit_s={time_limit:.1f}, data.seed={seed}")
@@ -370,11 +376,22 @@ def main(argv=None) -> int:  # noqa: C901
                    help="grid the models train (and will run) at: full = 1 mm, half = 2 mm (CPU-fast)")
     p.add_argument("--train", nargs="+", default=TRAIN, choices=DP, metavar="MODEL",
                    help=f"models to train, in turn, from their bundled weights (default: {' '.join(TRAIN)})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training config override after the script's recipe (as `unireg train --set`)")
     args = p.parse_args(argv)
     call = "python benchmarks/gpu_run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if len(args.train) > 2 or len(set(args.train)) < len(args.train):
         # a lent GPU returns at most 8 files: report.json, 3 per trained model and the call's own log
         p.error("--train takes one or two different models (3 files each come back, 8 files at most)")
+    from napari_unireg.errors import UserError
+    from napari_unireg.train.config import load_config, parse_override
+
+    try:  # a bad key or value must fail here, not after the window's check and timing stages
+        extra = [parse_override(text) for text in args.set]
+        load_config(None, extra)
+    except UserError as e:
+        print(f"error: --set: {e}", file=sys.stderr)
+        return 2
     dry = args.dry_run
     clock = Clock(args.budget_s if args.budget_s is not None else (60 if dry else 540))
     min_train = args.min_train_s if args.min_train_s is not None else (5 if dry else 120)
@@ -388,8 +405,6 @@ def main(argv=None) -> int:  # noqa: C901
         print(f"[gpu_run {clock.elapsed():5.0f} s] {msg}", flush=True)
 
     import torch
-
-    from napari_unireg.errors import UserError
 
     if dry:
         device = torch.device("cpu")
@@ -447,7 +462,7 @@ def main(argv=None) -> int:  # noqa: C901
                 # the first model gets all the time unless the second would still get its minimum
                 share = left if i == len(args.train) - 1 else max(min_train, left - max(min_train, 0.35 * left))
                 stages["train"][name] = train_model(name, data, grid, device, share, work, out, dry, log, call,
-                                                     args.train_resolution)
+                                                     args.train_resolution, extra)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     except UserError as e:

@@ -52,7 +52,7 @@ def test_gpu_run_dry_run_writes_report_weights_and_logs(tmp_path):
     from napari_unireg.models.checkpoint import load_weights
 
     out = tmp_path / "out"
-    assert gpu_run.main(["--dry-run", "--out", str(out), "--budget-s", "60"]) == 0
+    assert gpu_run.main(["--dry-run", "--out", str(out), "--budget-s", "60", "--set", "loss.window=3"]) == 0
     report = json.loads((out / "report.json").read_text())
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.is_file() and p.stat().st_size <= 16 * 2**20 for p in out.iterdir())
@@ -78,5 +78,18 @@ def test_gpu_run_dry_run_writes_report_weights_and_logs(tmp_path):
     assert card["training"]["steps"] == vfa["steps"] and card["training"]["init"]["encoder_tensors"] > 0
     # the card's command reruns the stage: the call itself, with the time limit and data seed it chose
     cmd = card["training"]["command"]
-    assert cmd.startswith(f"python benchmarks/gpu_run.py --dry-run --out {out} --budget-s 60  # its training of dp-vfa")
+    assert cmd.startswith(f"python benchmarks/gpu_run.py --dry-run --out {out} --budget-s 60 --set loss.window=3  "
+                          "# its training of dp-vfa")
     assert f"data.seed={card['training']['config']['data']['seed']}" in cmd
+    assert card["training"]["config"]["loss"]["window"] == 3  # the --set override reached the training
+
+
+@pytest.mark.parametrize("bad", ["loss.nonexistent=1", "loss.window=abc", "no-equals-sign"])
+def test_gpu_run_rejects_a_bad_override_before_any_work(tmp_path, capsys, bad):
+    import gpu_run
+
+    out = tmp_path / "out"
+    assert gpu_run.main(["--dry-run", "--out", str(out), "--set", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --set") and len(err.splitlines()) == 1
+    assert not out.exists()  # nothing was started: no output folder, no report
