@@ -268,7 +268,7 @@ def time_train_steps(grid, device, amp: str, steps: int, clock: Clock, log) -> d
 
 def train_model(name: str, data: Path, grid, device, time_limit: float, work: Path, out: Path, dry: bool,
                 log, call: str = "python benchmarks/gpu_run.py", resolution: str = "full",
-                extra: list[tuple[str, object]] = ()) -> dict:
+                extra: tuple[tuple[str, object], ...] = ()) -> dict:
     """Train ``name`` from its bundled weights for ``time_limit`` s; copy weights, card and log into ``out``.
 
     ``extra`` are the call's ``--set`` overrides, applied after this function's recipe (the line's own recipe,
@@ -387,8 +387,8 @@ def main(argv=None) -> int:  # noqa: C901
     from napari_unireg.train.config import load_config, parse_override
 
     try:  # a bad key or value must fail here, not after the window's check and timing stages
-        extra = [parse_override(text) for text in args.set]
-        load_config(None, extra)
+        extra = tuple(parse_override(text) for text in args.set)
+        load_config(None, list(extra))
     except UserError as e:
         print(f"error: --set: {e}", file=sys.stderr)
         return 2
