@@ -190,7 +190,7 @@ def run_ours(method: dict[str, Any], pair: dict[str, Any], device: str,
     opts = RegisterOptions(model=model if not Path(model).exists() else "default",
                            checkpoint=model if Path(model).exists() else None,
                            device=device, prealign=prealign, io_steps=method["io_steps"],
-                           resolution=method.get("resolution", "auto"))
+                           resolution=method.get("resolution", "auto"), contrast=method.get("contrast", "scale"))
     res = register_volumes(pair["fixed"], pair["moving"], options=opts)
     # the report names the weights that ran (a model may bundle one file per resolution)
     method.update({k: res.metrics[k] for k in WEIGHT_FACTS if k in res.metrics})

@@ -9,6 +9,11 @@ see identical inputs. Scoring is the accuracy benchmark's (Dice over the labels,
     python benchmarks/robustness.py --data ../shared/data/dataset.json --models dp-vfa runs/x/dp-vfa.safetensors \
         dp-convic-c@half --threads 2 --out bench/robustness_val.json
 
+``--contrast scale standardize`` runs every model once per way of preparing its input contrast (the engine's
+``RegisterOptions.contrast``; rows of ``standardize`` are named ``MODEL +std``).
+``--peers greedy`` also registers every clean and hard pair with Greedy (the accuracy benchmark's command, on the
+images written to a temporary folder): whether a network loses more than the classical method on harder images.
+
 The validation pairs are for measuring, never for choosing a training recipe by (the held-out brains the
 project is judged on are another scanner and labelling protocol).
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,6 +64,19 @@ def harder(pair: dict, index: int) -> dict:
     return out
 
 
+def with_files(pair: dict, folder: Path) -> dict:
+    """``pair`` with its two images written as NIfTI (their canonical arrays and affines) for a file-based peer."""
+    import nibabel as nib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = dict(pair)
+    for role in ("fixed", "moving"):
+        path = folder / f"{role}.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(pair[role].data, np.float32), pair[role].affine), str(path))
+        out[f"{role}_path"] = str(path)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/dataset.json")
@@ -66,22 +85,32 @@ def main(argv=None) -> int:
                         "it runs at, its weights trained at it when bundled; default auto, as in accuracy.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--contrast", nargs="+", default=["scale"], choices=["scale", "standardize"],
+                   help="the networks' input contrast, one row per model and mode")
+    p.add_argument("--peers", nargs="*", default=[], choices=["greedy"], help="classical methods to run beside")
     p.add_argument("--out", default="bench/robustness_val.json")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    methods = accuracy.our_methods(args.models, [0])  # the network alone; NAME@half runs NAME at 2 mm
+    methods = [m | {"contrast": c, "name": m["name"] + (" +std" if c == "standardize" else "")}
+               for m in accuracy.our_methods(args.models, [0]) for c in args.contrast]  # the network alone
     pairs, source = accuracy.resolve_pairs(args.data, None)
     pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
     rows: dict[str, dict[str, list[dict]]] = {}
     t0 = time.time()
+    work = tempfile.TemporaryDirectory(prefix="robustness-")
     for i, (f, m) in enumerate(pairs):
         clean = accuracy.load_pair(f, m)
         for variant, pair in (("clean", clean), ("hard", harder(clean, i))):
-            for method in methods:
-                model = method["name"]
-                disp, seconds, _ = accuracy.run_ours(dict(method), pair, "cpu", "none")
+            runs = [(method["name"], lambda method=method: accuracy.run_ours(dict(method), pair, "cpu", "none")[:2])
+                    for method in methods]
+            if args.peers:
+                pair = with_files(pair, Path(work.name) / f"{clean['id']}_{variant}")
+            runs += [(peer, lambda peer=peer: accuracy.run_peer(peer, pair, Path(work.name) / peer, args, None)[:2])
+                     for peer in args.peers]
+            for model, run in runs:
+                disp, seconds = run()
                 row = accuracy.score(disp, pair) | {"seconds": seconds, "pair": clean["id"]}
                 rows.setdefault(model, {}).setdefault(variant, []).append(row)
                 print(f"{clean['id']} {variant:5s} {model}: Dice {row['dice']:.4f} NDV {row['ndv']:.4f}", flush=True)

@@ -226,3 +226,16 @@ def test_disp_npz_is_the_learn2reg_submission_copy_of_disp(pair, tmp_path, capsy
     assert main(["register", pair["fixed"], pair["moving"], "--model", "classical", "--prealign", "none",
                  "--out", str(default), "--quiet", *GRID]) == 0
     assert not (default / "disp.npz").exists() and (default / "disp.nii.gz").exists()
+
+
+def test_contrast_option_reaches_the_engine_and_a_bad_one_is_refused(pair, tmp_path, capsys):
+    from napari_unireg.cli import build_parser
+    from napari_unireg.cli.register import options_from_args
+
+    args = build_parser().parse_args(["register", pair["fixed"], pair["moving"], "--contrast", "standardize"])
+    assert options_from_args(args).contrast == "standardize"
+    assert options_from_args(build_parser().parse_args(["register", pair["fixed"], pair["moving"]])).contrast == "scale"
+    with pytest.raises(SystemExit) as exc:
+        main(["register", pair["fixed"], pair["moving"], "--contrast", "bright", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "--contrast" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -119,6 +119,15 @@ def test_register_runs_and_adds_layers(pair_viewer, fast_engine, qtbot):
     assert len(get_store(viewer)) == 2
 
 
+def test_register_contrast_box_reaches_the_engine_options(pair_viewer):
+    """The widget's *standardise contrast* box is off by default (what the networks were trained on) and asks the
+    engine for ``contrast='standardize'`` when ticked."""
+    w = _register_widget(pair_viewer)
+    assert not w.chk_contrast.isChecked() and w.options().contrast == "scale"
+    w.chk_contrast.setChecked(True)
+    assert w.options().contrast == "standardize"
+
+
 def test_register_cancel(pair_viewer, monkeypatch, qtbot):
     import napari_unireg.pipeline.stages as engine
 

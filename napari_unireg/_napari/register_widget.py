@@ -219,6 +219,10 @@ class RegisterWidget(QWidget):
         self.chk_skullstrip.setChecked(True)
         self.chk_skullstrip.setToolTip("Extract the brain (deepbet) of an image that still has its skull before "
                                        "registering; already brain-extracted images are left as they are")
+        self.chk_contrast = QCheckBox("standardise contrast (other scanners)")
+        self.chk_contrast.setToolTip("Move each image's CSF, grey and white-matter intensities to those of the "
+                                     "networks' training images before the network sees it: for scans from "
+                                     "another scanner or sequence (shown and written images are unchanged)")
         self.cmb_resolution = QComboBox()
         self.cmb_resolution.addItems(["auto", "full", "half"])
         self.cmb_resolution.setToolTip("full: the network at 1 mm; half: at 2 mm, 8x fewer voxels: several times "
@@ -253,6 +257,7 @@ class RegisterWidget(QWidget):
         form.addRow("device", self.cmb_device)
         form.addRow("", self.chk_prealign)
         form.addRow("", self.chk_skullstrip)
+        form.addRow("", self.chk_contrast)
         form.addRow("resolution", self.cmb_resolution)
         form.addRow("refinement steps", self.spin_steps)
         buttons = QHBoxLayout()
@@ -495,6 +500,7 @@ class RegisterWidget(QWidget):
             device=self.cmb_device.currentData() or "auto",
             prealign="affine" if self.chk_prealign.isChecked() else "none",
             skull_strip="auto" if self.chk_skullstrip.isChecked() else "off",
+            contrast="standardize" if self.chk_contrast.isChecked() else "scale",
             resolution=self.cmb_resolution.currentText(),
             io_steps=int(self.spin_steps.value()),
             **self.extra_options,

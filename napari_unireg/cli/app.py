@@ -27,6 +27,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skull-strip", choices=["auto", "on", "off"], default="auto",
                    help="brain extraction before registration (deepbet, extra [skullstrip]): auto = only images that "
                         "still have a skull (what was decided is printed), on = always, off = never")
+    p.add_argument("--contrast", choices=["scale", "standardize"], default="scale",
+                   help="network input: scale = each image to [0, 1] (what the networks were trained on); "
+                        "standardize = also move its CSF/grey/white-matter means to the training images' (for "
+                        "scans from another scanner or sequence: benchmarks/robustness.py)")
     p.add_argument("--io-steps", type=int, default=0,
                    help="instance-optimisation refinement after the network: N steps at half resolution, then N/6 "
                         "at full resolution (0 = none; try 30)")

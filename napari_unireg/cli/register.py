@@ -23,6 +23,7 @@ def options_from_args(args):
         grid_shape=tuple(int(v) for v in getattr(args, "grid", (160, 224, 192))),
         metrics=outputs is None or "metrics" in outputs,
         skull_strip=getattr(args, "skull_strip", "auto"),
+        contrast=getattr(args, "contrast", "scale"),
     )
 
 

@@ -10,8 +10,8 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["MODEL_SHAPE", "normalize_intensity", "is_normalized", "CropPad", "foreground_bbox", "crop_or_pad",
-           "apply_window", "undo_crop_or_pad"]
+__all__ = ["MODEL_SHAPE", "normalize_intensity", "is_normalized", "tissue_means", "standardize_contrast",
+           "T1_TISSUE_MEANS", "CropPad", "foreground_bbox", "crop_or_pad", "apply_window", "undo_crop_or_pad"]
 
 #: The networks' grid (1 mm RAS, the Learn2Reg/LUMIR box): written once, used everywhere.
 MODEL_SHAPE = (160, 224, 192)
@@ -59,6 +59,71 @@ def is_normalized(data: np.ndarray, pmax: float = 99.5) -> bool:
         return False
     fg = x[x > 0]
     return fg.size > 0 and float(np.percentile(fg, pmax)) >= 0.95
+
+
+#: CSF, grey and white-matter means (:func:`tissue_means`): the median over the 14 training images of the data set
+#: on the model grid, scaled like every model input (:func:`normalize_intensity`): the contrast the networks were
+#: trained on. ``tests/test_contrast.py`` recomputes them from the data when it is present.
+T1_TISSUE_MEANS = (0.327, 0.732, 0.976)
+
+
+#: Intensities at or below this are left out of the tissue fit (mask rims, edited-out voxels).
+LOW = 0.05
+
+
+def tissue_means(data: np.ndarray, classes: int = 3, bins: int = 256, iterations: int = 60) -> tuple[float, ...] | None:
+    """Means of a ``classes``-Gaussian mixture fitted (EM on a ``bins``-bin histogram) to the foreground (> 0) of
+    an image scaled to [0, 1], in increasing order; None when the fit is degenerate (a class with < 2 % of the
+    voxels, or two means closer than 0.05). Voxels at the clipping level (≥ 0.999) are left out: the percentile
+    clip of :func:`normalize_intensity` piles them up in one bin; so are the faintest (≤ ``LOW``): the rim of a
+    brain mask and the zeroed voxels of an edited one, which are no tissue.
+
+    Class *means* rather than percentiles: they do not move when the tissue proportions do (an atrophied brain
+    has more CSF and thinner cortex, which shifts every percentile but not what CSF, grey and white matter look like).
+    """
+    x = np.asarray(data, dtype=np.float32)
+    v = x[(x > LOW) & (x < 0.999)]
+    if v.size < 100 * classes:
+        return None
+    hist, edges = np.histogram(v, bins=bins, range=(0.0, 1.0))
+    centre = 0.5 * (edges[:-1] + edges[1:])
+    weight = hist.astype(np.float64)
+    cdf = np.cumsum(weight) / weight.sum()
+    mu = np.interp((np.arange(classes) + 0.5) / classes, cdf, centre)  # start at the quantiles of equal classes
+    sd = np.full(classes, 0.1)
+    pi = np.full(classes, 1.0 / classes)
+    for _ in range(iterations):
+        logp = -0.5 * ((centre[:, None] - mu) / sd) ** 2 - np.log(sd) + np.log(pi)
+        logp -= logp.max(axis=1, keepdims=True)
+        r = np.exp(logp)
+        r *= weight[:, None] / r.sum(axis=1, keepdims=True)
+        n = r.sum(axis=0) + 1e-12
+        mu = (r * centre[:, None]).sum(axis=0) / n
+        sd = np.maximum(np.sqrt((r * (centre[:, None] - mu) ** 2).sum(axis=0) / n), 1.0 / bins)
+        pi = n / n.sum()
+    order = np.argsort(mu)
+    mu, pi = mu[order], pi[order]
+    if pi.min() < 0.02 or np.diff(mu).min() < 0.05:
+        return None
+    return tuple(float(m) for m in mu)
+
+
+def standardize_contrast(data: np.ndarray, reference: Sequence[float] = T1_TISSUE_MEANS) -> np.ndarray:
+    """Map an image scaled to [0, 1] so that its tissue means (:func:`tissue_means`) land on ``reference``:
+    piecewise linear through ``(0, 0)``, the means, and ``(1, 1)``; monotone, background (0) kept at 0.
+
+    What another scanner or sequence changes most in a T1 image is the contrast mapping between the tissues
+    (`benchmarks/robustness.py`: a gamma of 0.6/1.6 costs the 2 mm dp-vfa three times what a bias field or thick
+    slices do), which the networks learnt from their training images; the classical NCC methods barely notice it.
+    An image whose fit is degenerate is returned unchanged.
+    """
+    x = np.asarray(data, dtype=np.float32)
+    means = tissue_means(x)
+    if means is None or len(means) != len(reference) or means[-1] >= 1.0:
+        return x
+    knots = np.concatenate([[0.0], means, [1.0]])
+    values = np.concatenate([[0.0], np.asarray(reference, dtype=np.float64), [1.0]])
+    return np.interp(x, knots, values).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ def available_devices() -> list[tuple[str, str]]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             out.append((f"cuda:{i}", f"CUDA {i}: {torch.cuda.get_device_name(i)}"))
-    out.append(("cpu", f"CPU ({torch.get_num_threads()} threads)"))
+    n = torch.get_num_threads()
+    out.append(("cpu", f"CPU ({n} thread{'s' if n != 1 else ''})"))
     return out
 
 

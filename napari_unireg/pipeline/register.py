@@ -74,6 +74,8 @@ def validate_options(options: RegisterOptions) -> RegisterOptions:
 
         if importlib.util.find_spec("deepbet") is None:
             raise UserError(MISSING_MESSAGE)
+    if options.contrast not in stages.CONTRAST_MODES:
+        raise UserError(f"unknown contrast {options.contrast!r}: use {' or '.join(stages.CONTRAST_MODES)}")
     if options.checkpoint is not None and not options.checkpoint:
         raise UserError("--checkpoint needs a file name")
     check_model(model_key(options.model, options.checkpoint))
@@ -153,7 +155,10 @@ def register_volumes(
     report = reporter("inference")
     report(0.0)
     run_resolution = model.resolution(options.resolution)
-    field = stages.predict(model, fixed_t, moving_t, resolution=run_resolution, amp=options.amp,
+    # the classical method's NCC needs no contrast matching (and the refinement keeps the scaled images too)
+    contrast = options.contrast if model.net is not None else "scale"
+    net_fixed, net_moving = stages.network_inputs(fixed_t, moving_t, contrast)
+    field = stages.predict(model, net_fixed, net_moving, resolution=run_resolution, amp=options.amp,
                            io_lambda=options.io_lambda, io_fold_weight=options.io_fold_weight, report=report,
                            should_stop=should_stop)
     report(1.0)
@@ -165,7 +170,7 @@ def register_volumes(
                               io_fold_weight=options.io_fold_weight, report=report, should_stop=should_stop)
         report(1.0)
         lap("refinement")
-    del fixed_t, moving_t
+    del fixed_t, moving_t, net_fixed, net_moving
     disp_model, inverse_model = field.numpy()
     del field
     seconds["registration"] = time.perf_counter() - t_start
@@ -181,7 +186,7 @@ def register_volumes(
                  io_steps=options.io_steps)
     if model.net is not None:  # which weight file ran, and at what resolution (a model may bundle one per resolution)
         facts.update(resolution=run_resolution, weights_resolution=str(model.card.get("resolution", "full")),
-                     weights_sha256=model.card.get("sha256"))
+                     weights_sha256=model.card.get("sha256"), contrast=options.contrast)
     if stripped is not None:
         facts["skull_strip"] = list(stripped.messages)
 

@@ -242,6 +242,25 @@ def tensors(grid: OnModelGrid, device) -> tuple[Any, Any]:
     return t(grid.fixed), t(grid.moving)
 
 
+#: How the networks' input intensities are prepared (RegisterOptions.contrast).
+CONTRAST_MODES = ("scale", "standardize")
+
+
+def network_inputs(fixed_t, moving_t, contrast: str) -> tuple[Any, Any]:
+    """The pair as the network sees it: as scaled (``'scale'``), or each image's tissue contrast moved to the
+    training images' (``'standardize'``, :func:`~napari_unireg.core.intensity.standardize_contrast`)."""
+    if contrast == "scale":
+        return fixed_t, moving_t
+    import torch
+
+    from ..core.intensity import standardize_contrast
+
+    def one(t):
+        return torch.from_numpy(standardize_contrast(t[0, 0].cpu().numpy()))[None, None].to(t.device)
+
+    return one(fixed_t), one(moving_t)
+
+
 def predict(model, fixed_t, moving_t, *, resolution: str, amp: bool, io_lambda: float, io_fold_weight: float,
             report: Report, should_stop=None) -> Field:
     """The network's field on the model grid (``model.net`` wrapped in a

@@ -44,6 +44,10 @@ class RegisterOptions:
     # brain extraction before registration (deepbet): auto (images that still have a skull), on, off.
     # The library's default is off (explicit); `unireg register` and the Register widget default to auto.
     skull_strip: str = "off"
+    # the networks' input contrast: "scale" (each image to [0, 1], what they were trained on) or "standardize"
+    # (its CSF/grey/white-matter means moved to the training images', core.intensity.standardize_contrast): for
+    # images from another scanner or sequence; the refinement and the outputs keep the scaled images
+    contrast: str = "scale"
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
