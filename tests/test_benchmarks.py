@@ -421,6 +421,45 @@ def test_robustness_runs_each_model_at_the_resolution_its_spec_names(tmp_path, m
         robustness.main(["--models", "dp-vfa@quarter", "--out", str(out)])
 
 
+def test_robustness_contrast_rows_and_greedy_on_the_images_it_was_given(tmp_path, monkeypatch):
+    """``--contrast scale standardize`` gives each model two rows, the second asking the engine for
+    ``contrast='standardize'``; ``--peers greedy`` hands Greedy files that hold the clean and the hard images
+    (read back with nibabel) and adds its own row."""
+    import nibabel as nib
+
+    import accuracy
+    import robustness
+    from napari_unireg.io import volume_from_array
+
+    img = np.random.default_rng(0).random((8, 9, 10)).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (-4, 5, 6)
+    vol = volume_from_array(img, affine, kind="image", name="f")
+    ran, given = [], []
+    monkeypatch.setattr(accuracy, "resolve_pairs", lambda data, pairs: ([("f", "m")], "dataset.json"))
+    monkeypatch.setattr(accuracy, "load_pair", lambda f, m: {"id": "0001_0002", "fixed": vol, "moving": vol})
+    monkeypatch.setattr(robustness, "harder", lambda pair, i: pair | {"moving": vol.with_data(img * 0.5, is_label=False)})
+    monkeypatch.setattr(accuracy, "run_ours", lambda method, pair, device, pre: ran.append(method) or (None, 1.0, {}))
+
+    def peer(name, pair, work, args, vxm):
+        files = {r: nib.load(pair[f"{r}_path"]) for r in ("fixed", "moving")}
+        given.append({r: (f.get_fdata(), f.affine) for r, f in files.items()})  # the folder goes at the end
+        return None, 2.0, {}
+
+    monkeypatch.setattr(accuracy, "run_peer", peer)
+    monkeypatch.setattr(accuracy, "score", lambda disp, pair: {"dice": 0.7, "hd95": 3.0, "sdlogj": 0.1, "ndv": 0.0})
+    out = tmp_path / "r.json"
+    assert robustness.main(["--models", "dp-vfa", "--contrast", "scale", "standardize", "--peers", "greedy",
+                            "--out", str(out)]) == 0
+    assert [m["contrast"] for m in ran] == ["scale", "standardize"] * 2  # clean, then hard
+    assert list(json.loads(out.read_text())["summary"]) == ["dp-vfa", "dp-vfa +std", "greedy"]
+    assert len(given) == 2
+    for files, moving in zip(given, (img, img * 0.5)):
+        np.testing.assert_allclose(files["fixed"][0], img, rtol=1e-6)
+        np.testing.assert_allclose(files["moving"][0], moving, rtol=1e-6)
+        np.testing.assert_allclose(files["fixed"][1], affine)
+
+
 def test_refinement_benchmark_never_picks_a_validation_pair(tmp_path):
     """The refinement settings are chosen on training pairs: no pair of the list is a validation pair, in either
     direction, and disjoint pairs come first."""
