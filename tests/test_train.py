@@ -683,14 +683,15 @@ def test_time_box_plans_again_from_the_steps_since_the_last_plan():
     assert box.steps_that_fit(now) == int((100 - now) / 2.0)
     assert box.step_estimate() == 2.0  # the estimate the plan used, until new steps are timed
     plans = []
-    while now < 60:  # then 1 s steps
+    while now < 95:  # then 1 s steps
         now += 1.0
         box.record(now)
         fit = box.steps_that_fit(now)
         if fit is not None:
             plans.append((now, fit))
-    # one new plan at each REPLAN_AT fraction, from the 1 s steps alone (the 2 s ones no longer count)
-    assert [t for t, _ in plans] == [REPLAN_AT[0] * 100, REPLAN_AT[1] * 100]
+    # one new plan at each REPLAN_AT fraction, from the 1 s steps alone (the 2 s ones no longer count), the last
+    # at three quarters of the box: a run whose steps got faster late still fills its box
+    assert [t for t, _ in plans] == [100 * f for f in REPLAN_AT] and plans[-1][0] == 75
     assert [fit for _, fit in plans] == [int(100 - t) for t, _ in plans]
     assert box.step_estimate() == 1.0 and not box.out_of_time(now=99.0, val_next=False)
 

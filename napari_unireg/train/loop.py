@@ -128,8 +128,10 @@ def _apply_warmup(optimizer: Any, cfg: Config, next_step: int) -> None:
 #: steps measured (after the first, which warms up) before a time-boxed run plans its length
 TIME_PLAN_STEPS = 3
 #: fractions of the box at which the plan is made again from the steps since the last plan: the first steps are
-#: slower than the rest, and a job that shared the cores for a while misleads one estimate
-REPLAN_AT = (0.25, 0.5)
+#: slower than the rest, and a job that shared the cores for a while misleads one estimate (the last one at 3/4:
+#: session 26's box planned at half time while a test run shared the cores and, once they were free again, ran
+#: out of planned steps 11 minutes before its box ended)
+REPLAN_AT = (0.25, 0.5, 0.75)
 #: a new plan within this fraction of the old length keeps the old one (no needless bump of the schedule)
 REPLAN_TOLERANCE = 0.02
 #: the clock of the time box (a module attribute, so a test can drive it)
