@@ -103,14 +103,12 @@ def main(argv=None) -> int:
     for i, (f, m) in enumerate(pairs):
         clean = accuracy.load_pair(f, m)
         for variant, pair in (("clean", clean), ("hard", harder(clean, i))):
-            runs = [(method["name"], lambda method=method: accuracy.run_ours(dict(method), pair, "cpu", "none")[:2])
-                    for method in methods]
-            if args.peers:
+            if args.peers:  # Greedy reads files
                 pair = with_files(pair, Path(work.name) / f"{clean['id']}_{variant}")
-            runs += [(peer, lambda peer=peer: accuracy.run_peer(peer, pair, Path(work.name) / peer, args, None)[:2])
-                     for peer in args.peers]
-            for model, run in runs:
-                disp, seconds = run()
+            runs = [(m["name"], accuracy.run_ours, (dict(m), pair, "cpu", "none")) for m in methods]
+            runs += [(peer, accuracy.run_peer, (peer, pair, Path(work.name) / peer, args, None)) for peer in args.peers]
+            for model, fn, fn_args in runs:
+                disp, seconds, _ = fn(*fn_args)
                 row = accuracy.score(disp, pair) | {"seconds": seconds, "pair": clean["id"]}
                 rows.setdefault(model, {}).setdefault(variant, []).append(row)
                 print(f"{clean['id']} {variant:5s} {model}: Dice {row['dice']:.4f} NDV {row['ndv']:.4f}", flush=True)
