@@ -279,6 +279,67 @@ def test_loss_window_reaches_the_similarity_of_a_step():
         _validate_cfg(tc.load_config(overrides=["loss.window=4"]))
 
 
+def test_full_resolution_loss_pools_the_input_and_brings_the_field_up():
+    """loss.full_resolution: the network sees the average-pooled pair, its field is brought up to the full grid
+    for the similarity (trilinear, pooled voxel i centred at full coordinate 2i + 0.5, values ×2: recomputed here
+    with scipy), and the diffusion term stays on the network's own field."""
+    from scipy.ndimage import map_coordinates
+
+    from napari_unireg.core.losses import ncc_vfa
+    from napari_unireg.core.sample import warp
+    from napari_unireg.train.loop import _validate_cfg, train_step
+
+    model, _, moving, fixed = _tiny_step_problem()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append([a.detach().clone() for a in args]))
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    terms = train_step(model, opt, moving, fixed, window=5, pool=2)
+    pooled = [x[0, 0].numpy().reshape(8, 2, 8, 2, 8, 2).mean(axis=(1, 3, 5)) for x in (moving, fixed)]
+    assert [tuple(a.shape[2:]) for a in seen[0]] == [(8, 8, 8)] * 2
+    assert all(np.allclose(a[0, 0].numpy(), b, atol=1e-6) for a, b in zip(seen[0], pooled))
+    with torch.no_grad():
+        small = model(*seen[0]).disp[0].numpy()
+    coords = np.meshgrid(*[(np.arange(16) - 0.5) / 2] * 3, indexing="ij")
+    up = np.stack([2 * map_coordinates(c, coords, order=1, mode="nearest") for c in small])
+    expected_sim = float(ncc_vfa(fixed, warp(moving, torch.from_numpy(up)[None]), window=5))
+    expected_reg = np.mean([np.mean(np.diff(small, axis=a) ** 2) for a in (1, 2, 3)])
+    assert terms["sim"] == pytest.approx(expected_sim, rel=1e-4)
+    assert terms["reg"] == pytest.approx(expected_reg, rel=1e-4)
+    with pytest.raises(UserError, match="loss.full_resolution"):
+        _validate_cfg(tc.load_config(overrides=["loss.full_resolution=true"]))
+
+
+def test_full_resolution_loss_run_paints_and_augments_on_the_full_grid(dataset, tmp_path):
+    """A half-resolution run with the similarity on the full grid: pairs (real, augmented and painted) reach the
+    step at full resolution, the exported network is a half-resolution one."""
+    from napari_unireg.models.checkpoint import read_card
+    from napari_unireg.train import loop
+    from napari_unireg.train.loop import train
+
+    shapes = []
+    real_step = loop.train_step
+
+    def spy(model, opt, moving, fixed, **kw):
+        shapes.append((tuple(moving.shape[2:]), kw["pool"]))
+        return real_step(model, opt, moving, fixed, **kw)
+
+    cfg = _cfg(dataset, ("steps", 4), ("data.resolution", "half"), ("loss.full_resolution", True),
+               ("loss.window", 5), ("augment.enabled", True), ("synth.prob", 0.5), ("synth.use_dataset_labels", True),
+               ("loss.dice_weight", 1.0), ("data.seed", 1), ("export.name", "net"))
+    loop.train_step = spy
+    try:
+        res = train(cfg, tmp_path / "run")
+    finally:
+        loop.train_step = real_step
+    assert res.step == 4 and shapes == [(SHAPE, 2)] * 4
+    with open(tmp_path / "run" / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["synthetic"] for r in rows} == {"0", "1"} and all(np.isfinite(float(r["loss"])) for r in rows)
+    card = read_card(tmp_path / "run" / "net.safetensors")
+    assert card["resolution"] == "half" and card["input_shape"] == [8, 8, 8]
+    assert card["training"]["config"]["loss"]["full_resolution"] is True
+
+
 def test_a_step_with_non_finite_gradients_is_skipped():
     from napari_unireg.train.loop import train_step
 

@@ -150,6 +150,7 @@ def registration_loss(
     lam: float = 1.0,
     window: int = 9,
     return_terms: bool = False,
+    reg_out: Any = None,
 ):
     """Training loss of one pair.
 
@@ -157,15 +158,19 @@ def registration_loss(
     * otherwise ((b), inverse consistent): ``L = ½[NCC(F, M∘φ12) + NCC(M, F∘φ21)] + ½λ[diffusion(u12) +
       diffusion(u21)]``, with ``u21 = out.inverse`` warping the fixed image onto the moving grid.
 
-    ``out`` is a ``RegistrationOutput`` (``.disp``, ``.inverse``) or a bare displacement. Returns the scalar
-    loss, or ``(loss, sim, reg)`` when ``return_terms`` (``sim``/``reg`` already averaged over directions).
+    ``out`` is a ``RegistrationOutput`` (``.disp``, ``.inverse``) or a bare displacement on the images' grid.
+    ``reg_out`` (same form, default ``out``) is the field the diffusion term is taken on: a network's own coarse
+    field when ``out`` is that field brought up to the finer grid the similarity is computed on, so λ keeps its
+    meaning on the network's grid. Returns the scalar loss, or ``(loss, sim, reg)`` when ``return_terms``
+    (``sim``/``reg`` already averaged over directions).
     """
     u12, u21 = _disp_and_inverse(out)
+    r12, r21 = _disp_and_inverse(out if reg_out is None else reg_out)
     sim = ncc_vfa(fixed, warp(moving, u12), window)
-    reg = diffusion(u12)
+    reg = diffusion(r12)
     if u21 is not None:
         sim = 0.5 * (sim + ncc_vfa(moving, warp(fixed, u21), window))
-        reg = 0.5 * (reg + diffusion(u21))
+        reg = 0.5 * (reg + diffusion(r21))
     loss = sim + lam * reg
     return (loss, sim, reg) if return_terms else loss
 

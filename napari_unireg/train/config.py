@@ -115,8 +115,14 @@ class LossConfig:
     dice_pairs: str = "all"  # all (real labelled + synthetic pairs) | synthetic (SynthMorph-style: only painted pairs)
     symmetric: str = "auto"  # auto (inverse-consistent models) | true | false
     #: side of the NCC window in voxels of the training grid (odd): the paper's 9 is 9 mm at full resolution;
-    #: at data.resolution=half, 5 covers about the same 9-10 mm (9 would be 18 mm)
+    #: at data.resolution=half, 5 covers about the same 9-10 mm (9 would be 18 mm); with full_resolution, voxels
+    #: of the full grid
     window: int = 9
+    #: with data.resolution=half: the network still sees (and predicts on) the 2 mm grid, but the similarity is
+    #: taken on the full grid, its field brought up as at inference (upsample_pooled_flow), so the loss sees the
+    #: detail that a 2 mm field can still align (the diffusion and Dice terms stay on the network's grid); the
+    #: pairs are then read, painted and augmented at full resolution and pooled for the network
+    full_resolution: bool = False
 
 
 @dataclass

@@ -224,6 +224,8 @@ def _validate_cfg(cfg: Config) -> None:
         raise UserError(f"loss.dice_pairs must be all or synthetic, not {cfg.loss.dice_pairs!r}")
     if cfg.loss.window < 3 or cfg.loss.window % 2 == 0:
         raise UserError(f"loss.window must be an odd number of voxels ≥ 3, not {cfg.loss.window}")
+    if cfg.loss.full_resolution and cfg.data.resolution != "half":
+        raise UserError("loss.full_resolution=true needs data.resolution=half (at full resolution the loss already is)")
     if cfg.loss.symmetric not in ("auto", "true", "false", "True", "False"):
         raise UserError(f"loss.symmetric must be auto, true or false, not {cfg.loss.symmetric!r}")
     if cfg.synth.contrast not in ("random", "t1", "mixed"):
@@ -275,24 +277,43 @@ def train_step(
     moving_label: Any = None,
     fixed_label: Any = None,
     grad_clip: float | None = None,
+    pool: int = 1,
 ) -> dict[str, float]:
-    """One optimiser step on a batch: §8 loss (symmetric for IC models), optional Dice term. Returns the terms."""
+    """One optimiser step on a batch: §8 loss (symmetric for IC models), optional Dice term. Returns the terms.
+
+    ``pool`` > 1 (``loss.full_resolution``): ``moving``/``fixed`` (and labels) are on the full grid; the network
+    sees them average-pooled by ``pool`` and its field is brought up to the full grid for the similarity, as
+    ``register`` brings it up at inference; the diffusion and Dice terms stay on the network's grid.
+    """
     import torch
+    import torch.nn.functional as F
 
     from ..core.losses import registration_loss
+    from ..core.sample import upsample_pooled_flow
     from ..models.output import RegistrationOutput
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
     device_type = moving.device.type
+    net_moving, net_fixed = (moving, fixed) if pool == 1 else (F.avg_pool3d(moving, pool), F.avg_pool3d(fixed, pool))
     with torch.autocast(device_type=device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        out = model(moving, fixed)
+        out = model(net_moving, net_fixed)
     disp = out.disp.float()
     inverse = out.inverse.float() if (symmetric and out.inverse is not None) else None
     if symmetric and inverse is None:
         raise UserError("loss.symmetric needs an inverse-consistent model (one that returns the inverse field)")
-    target = RegistrationOutput(disp, inverse) if inverse is not None else disp
-    loss, sim, reg = registration_loss(fixed, moving, target, lam, window=window, return_terms=True)
+    net_field = RegistrationOutput(disp, inverse) if inverse is not None else disp
+    target = net_field
+    if pool > 1:
+        up = upsample_pooled_flow(disp, pool)
+        target = RegistrationOutput(up, upsample_pooled_flow(inverse, pool)) if inverse is not None else up
+        if moving_label is not None and fixed_label is not None:  # nearest subsampling, as data.downsample_labels
+            o = pool // 2
+            moving_label = moving_label[..., o::pool, o::pool, o::pool]
+            fixed_label = fixed_label[..., o::pool, o::pool, o::pool]
+    loss, sim, reg = registration_loss(
+        fixed, moving, target, lam, window=window, return_terms=True, reg_out=net_field
+    )
     dl = torch.zeros((), device=moving.device)
     if dice_weight > 0 and moving_label is not None and fixed_label is not None:
         dl = _dice_term(fixed_label, moving_label, disp)
@@ -342,7 +363,8 @@ def validate(model: Any, tset: TrainingSet, cfg: Config, device: Any, amp_dtype:
     """Mean Dice / NDV / SDlogJ / folded % / L_sim over the validation pairs (None when there are none).
 
     The network runs at the training resolution; with ``val.full_resolution`` its field is resized to the full
-    grid (as ``unireg register`` does) and the metrics are computed on the full-resolution label maps.
+    grid (as ``unireg register`` does) and the metrics are computed on the full-resolution label maps. ``sim`` is
+    the loss's similarity (its window; on the full grid with ``loss.full_resolution``).
     """
     import torch
 
@@ -374,7 +396,13 @@ def validate(model: Any, tset: TrainingSet, cfg: Config, device: Any, amp_dtype:
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     out = model(mov, fix)
                 disp = out.disp.float()
-                row: dict[str, Any] = {"sim": float(ncc_vfa(fix, warp(mov, disp)))}
+                if cfg.loss.full_resolution:  # the similarity of the loss: on the full grid
+                    f_t, m_t = (torch.from_numpy(np.ascontiguousarray(a))[None, None].to(device)
+                                for a in (fix_full, mov_full))
+                    sim = ncc_vfa(f_t, warp(m_t, upsample_pooled_flow(disp, factor)), cfg.loss.window)
+                else:
+                    sim = ncc_vfa(fix, warp(mov, disp), cfg.loss.window)
+                row: dict[str, Any] = {"sim": float(sim)}
                 if cfg.val.full_resolution and factor > 1:
                     disp = upsample_pooled_flow(disp, factor)
                     if tuple(disp.shape[2:]) != tuple(fix_full.shape):
@@ -661,7 +689,9 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
     pair_plan = PairPlan(
         len(tset.entries), tset.excluded, cfg.data.seed, cfg.synth.prob, len(tset.label_maps), cfg.synth.same_map_prob
     )
-    vol_loader = VolumeLoader(cfg.data.grid_shape, factor, cfg.data.cache_size, cfg.data.cache_dir)
+    # loss.full_resolution: pairs are read, painted and augmented on the full grid; train_step pools them
+    loss_pool = factor if cfg.loss.full_resolution else 1
+    vol_loader = VolumeLoader(cfg.data.grid_shape, factor // loss_pool, cfg.data.cache_size, cfg.data.cache_dir)
     want_labels = cfg.loss.dice_weight > 0
     dataset = PairDataset(tset, cfg, pair_plan, vol_loader, want_labels)
     start_batch, skip = divmod(step, plan.steps_per_pair)
@@ -772,6 +802,7 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
                             moving_label=lm,
                             fixed_label=lf,
                             grad_clip=cfg.optim.grad_clip,
+                            pool=loss_pool,
                         )
                         if scheduler is not None:  # §9: after each step, with the position before it
                             scheduler.step(step * plan.pairs_per_step / ppe)
