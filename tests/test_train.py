@@ -309,7 +309,7 @@ def test_full_resolution_loss_pools_the_input_and_brings_the_field_up():
         _validate_cfg(tc.load_config(overrides=["loss.full_resolution=true"]))
 
 
-def test_full_resolution_loss_run_paints_and_augments_on_the_full_grid(dataset, tmp_path):
+def test_full_resolution_loss_run_paints_and_augments_on_the_full_grid(dataset, tmp_path, monkeypatch):
     """A half-resolution run with the similarity on the full grid: pairs (real, augmented and painted) reach the
     step at full resolution, the exported network is a half-resolution one."""
     from napari_unireg.models.checkpoint import read_card
@@ -326,11 +326,8 @@ def test_full_resolution_loss_run_paints_and_augments_on_the_full_grid(dataset, 
     cfg = _cfg(dataset, ("steps", 4), ("data.resolution", "half"), ("loss.full_resolution", True),
                ("loss.window", 5), ("augment.enabled", True), ("synth.prob", 0.5), ("synth.use_dataset_labels", True),
                ("loss.dice_weight", 1.0), ("data.seed", 1), ("export.name", "net"))
-    loop.train_step = spy
-    try:
-        res = train(cfg, tmp_path / "run")
-    finally:
-        loop.train_step = real_step
+    monkeypatch.setattr(loop, "train_step", spy)
+    res = train(cfg, tmp_path / "run")
     assert res.step == 4 and shapes == [(SHAPE, 2)] * 4
     with open(tmp_path / "run" / "log.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -691,7 +691,8 @@ def _train(cfg, out, dist, resume, command, model, on_step, should_stop) -> Trai
     )
     # loss.full_resolution: pairs are read, painted and augmented on the full grid; train_step pools them
     loss_pool = factor if cfg.loss.full_resolution else 1
-    vol_loader = VolumeLoader(cfg.data.grid_shape, factor // loss_pool, cfg.data.cache_size, cfg.data.cache_dir)
+    data_factor = 1 if cfg.loss.full_resolution else factor
+    vol_loader = VolumeLoader(cfg.data.grid_shape, data_factor, cfg.data.cache_size, cfg.data.cache_dir)
     want_labels = cfg.loss.dice_weight > 0
     dataset = PairDataset(tset, cfg, pair_plan, vol_loader, want_labels)
     start_batch, skip = divmod(step, plan.steps_per_pair)
