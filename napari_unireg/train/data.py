@@ -368,12 +368,14 @@ def downsample_image(a: np.ndarray, factor: int) -> np.ndarray:
     return a.reshape(s[0] // factor, factor, s[1] // factor, factor, s[2] // factor, factor).mean(axis=(1, 3, 5))
 
 
-def downsample_labels(a: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest subsampling of a label map, aligned with :func:`downsample_image` up to half a voxel."""
+def downsample_labels(a: Any, factor: int) -> Any:
+    """Nearest subsampling of a label map's last three axes (numpy array or torch tensor), aligned with
+    :func:`downsample_image` up to half a voxel."""
     if factor == 1:
         return a
     o = factor // 2
-    return np.ascontiguousarray(a[o::factor, o::factor, o::factor])
+    sub = a[..., o::factor, o::factor, o::factor]
+    return np.ascontiguousarray(sub) if isinstance(sub, np.ndarray) else sub
 
 
 def _is_box(vol: Any, grid: tuple[int, ...]) -> bool:

@@ -27,7 +27,16 @@ from . import checkpointing as ckpt
 from . import distributed as dist_utils
 from .config import RESUME_SAFE_KEYS, Config, config_diff, config_from_dict, save_config
 from .precision import amp_dtype as _amp_dtype
-from .data import PairDataset, PairPlan, TrainingSet, VolumeLoader, discover, downsample_image, make_loader
+from .data import (
+    PairDataset,
+    PairPlan,
+    TrainingSet,
+    VolumeLoader,
+    discover,
+    downsample_image,
+    downsample_labels,
+    make_loader,
+)
 
 __all__ = ["TrainResult", "StepPlan", "plan_steps", "train", "validate", "train_step", "LAST", "BEST"]
 
@@ -307,10 +316,8 @@ def train_step(
     if pool > 1:
         up = upsample_pooled_flow(disp, pool)
         target = RegistrationOutput(up, upsample_pooled_flow(inverse, pool)) if inverse is not None else up
-        if moving_label is not None and fixed_label is not None:  # nearest subsampling, as data.downsample_labels
-            o = pool // 2
-            moving_label = moving_label[..., o::pool, o::pool, o::pool]
-            fixed_label = fixed_label[..., o::pool, o::pool, o::pool]
+        if moving_label is not None and fixed_label is not None:  # the Dice term stays on the network's grid
+            moving_label, fixed_label = downsample_labels(moving_label, pool), downsample_labels(fixed_label, pool)
     loss, sim, reg = registration_loss(
         fixed, moving, target, lam, window=window, return_terms=True, reg_out=net_field
     )
@@ -418,8 +425,6 @@ def validate(model: Any, tset: TrainingSet, cfg: Config, device: Any, amp_dtype:
                 fl = loader.get(fe.label, "label", ref_image=fe.image)
                 ml = loader.get(me.label, "label", ref_image=me.image)
                 if u.shape[1:] != fl.shape:  # metrics at the training resolution
-                    from .data import downsample_labels
-
                     fl, ml = downsample_labels(fl, factor), downsample_labels(ml, factor)
                 row["dice"] = dice_mean(fl, warp_labels_nearest(ml, u))
             rows.append(row)
